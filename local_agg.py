@@ -1,0 +1,338 @@
+"""Local Aggregation (LA): k-means close neighbours and the Eq. 8 loss.
+
+Paper: Wu, Zhuang, Yamins, Goodman (2020), "On the Importance of Views in
+Unsupervised Representation Learning", Section 5.3 (Eq. 6-8, Definition 5.2,
+Theorem 5.4, Corollary 5.4.1) and Appendix D.  LA itself is Zhuang, Zhai and
+Yamins (2019), reference [26] of the paper.
+
+    L^LA(x_i, M) = log p(C_i ∩ B_i | x_i, M) / p(B_i | x_i, M)          (Eq. 8)
+    p(I | x, M)  = sum_{j in I} p(j | x, M),   p(j | x, M) from Eq. 6
+
+B_i, the *background* set: the k_background bank entries closest (cosine) to
+the current embedding (the paper says: closest to M[i]; see `neighbours_of`).
+C_i, the *close* set: every bank entry that shares i's cluster in at least one
+of H k-means clusterings of the bank (Appendix D: H = 10 runs with different
+seeds, 30,000 clusters each, on ImageNet's 1,281,167 images).
+
+What is in this file, top to bottom:
+  run_kmeans(bank, num_clusters, num_clusterings=10, seed=0) -> [H, N] labels
+  la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096) -> loss
+  main(): `python local_agg.py` clusters a synthetic bank and prints IR, BALL,
+          ANN and LA side by side.
+
+Every loss here is MINIMISED: la_loss = -mean_i L^LA(x_i, M).
+
+How this matches the published LA code (read for facts, not copied)
+--------------------------------------------------------------------
+The authors' TensorFlow code (neuroailab/LocalAggregation) and PyTorch port
+(neuroailab/LocalAggregation-Pytorch) compute, for each image of the batch:
+  * all dot products z @ M^T of the *current* embedding z with the bank, and
+    B_i = the k = 4096 largest of them (top_k, unsorted).  The image's own
+    entry i is NOT added if it is not among them;
+  * p(j | x) = exp(z . M[j] / tau) / Z with a FIXED constant
+    Z = 2876934.2 / 1281167 * N instead of the true partition sum; Z cancels
+    exactly in the ratio of Eq. 8, so it never changes the loss value here;
+  * the numerator sums p(j | x) over the background entries j whose cluster
+    label equals i's label in ANY of the H clusterings (a logical OR over
+    clusterings of per-clustering equality masks, each [B, k]);
+  * loss = -mean log(ratio + 1e-7).
+This file computes the same ratio in log space (masked logsumexp), so without
+the 1e-7: the two agree to within log(1 + 1e-7 / ratio), i.e. to 1e-7
+relative to 1/ratio (< 5e-4 for ratio >= 1/4096, an average neighbour).  The
+one real difference is the
+`include_self` choice below, which only matters when the image's own entry
+is not among z's k_background nearest entries.
+"""
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import faiss
+
+
+# ---------------------------------------------------------------------------
+# Appendix D: H k-means clusterings of the memory bank, with faiss.
+# ---------------------------------------------------------------------------
+# faiss on a GPU allocates its own memory beside PyTorch's caching allocator
+# (torch.cuda.memory_allocated() does not see it).  A faiss.StandardGpuResources
+# object, on first use on a device, reserves
+#   * a temporary-memory stack of 1.5 GiB on GPUs with more than 8 GiB of
+#     memory (1 GiB on <= 8 GiB GPUs, 512 MiB on <= 4 GiB GPUs),
+#   * 256 MiB of pinned host memory for CPU <-> GPU copies,
+#   * streams and a cuBLAS handle,
+# and keeps them until it is destroyed.  Creating a new one per clustering (as
+# the LA PyTorch code does in its run_kmeans, and as faiss.Kmeans(gpu=True)
+# does through index_cpu_to_all_gpus) repeats that reservation and its set-up
+# time every call.  We create ONE per device, the first time it is needed, and
+# reuse it for every clustering of every epoch.  To give faiss less memory,
+# call faiss_gpu_resources(device).setTempMemory(num_bytes) before clustering.
+# The index itself holds only the centroids: num_clusters * d * 4 bytes
+# (30,000 x 128 floats = 15 MiB for the ImageNet setting).
+_FAISS_GPU_RESOURCES = {}
+
+
+def faiss_gpu_resources(device=0):
+    """The single faiss.StandardGpuResources of GPU `device` (created once)."""
+    if device not in _FAISS_GPU_RESOURCES:
+        _FAISS_GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return _FAISS_GPU_RESOURCES[device]
+
+
+def _faiss_has_gpu():
+    # faiss-cpu builds have neither GPU classes nor GPUs; get_num_gpus() is 0.
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
+               max_points_per_centroid=None, verbose=True,
+               return_objectives=False):
+    """H = num_clusterings k-means clusterings of the bank rows (Appendix D).
+
+    bank: [N, d] tensor (any device/float dtype; e.g. MemoryBank.vectors).
+    Returns a LongTensor [H, N] on the CPU: row h holds the cluster id in
+    [0, num_clusters) of every bank entry under clustering h.  With
+    return_objectives=True, also a list of H floats: faiss's k-means objective
+    (sum over points of the squared L2 distance to the assigned centroid) at
+    its last iteration, read from `Kmeans.obj` (see below).
+
+    Choices, and why:
+      * seed + h for clustering h: Appendix D uses "10 kNN with different
+        initializations" (the LA code: seed 1234 + h).  Same seed, same labels.
+      * L2 k-means on the raw rows, not spherical k-means, niter = 20: as the
+        LA code does.  (For unit rows, L2 and cosine assignment differ only
+        through the centroids' norms.)
+      * max_points_per_centroid: faiss SUBSAMPLES the training set to
+        256 * num_clusters points by default, silently: with 30,000 clusters
+        that is 7.68M >= 1.28M, fine, but with 1,000 clusters on 1.28M points
+        only 256k points would be used to fit the centroids.  None (default)
+        sets it to ceil(N / num_clusters), so every row is used (the LA code
+        uses 10,000,000 for the same purpose).  Pass a number to subsample on
+        purpose.  All N rows are assigned to the final centroids either way.
+      * faiss also warns when N < 39 * num_clusters (min_points_per_centroid);
+        ImageNet with 30,000 clusters has 42.7 points per centroid.
+      * GPU: when faiss reports GPUs, the assignment index lives on the GPU,
+        built on the one StandardGpuResources per device (see above).
+        Otherwise the CPU index (IndexFlatL2) is used.
+    """
+    if not torch.is_tensor(bank) or bank.dim() != 2 or not bank.is_floating_point():
+        raise ValueError(f"bank must be a 2-D float tensor [N, d], got "
+                         f"{tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__}")
+    n, d = bank.shape
+    if int(num_clusters) != num_clusters or not 1 <= num_clusters <= n:
+        raise ValueError(f"num_clusters must be an integer in [1, N={n}], got {num_clusters}")
+    if int(num_clusterings) != num_clusterings or num_clusterings < 1:
+        raise ValueError(f"num_clusterings must be an integer >= 1, got {num_clusterings}")
+    if int(niter) != niter or niter < 1:
+        raise ValueError(f"niter must be an integer >= 1, got {niter}")
+    if max_points_per_centroid is None:
+        max_points_per_centroid = -(-n // num_clusters)          # ceil(N / K): no subsampling
+    elif int(max_points_per_centroid) != max_points_per_centroid or max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be None or an integer >= 1, "
+                         f"got {max_points_per_centroid}")
+
+    # faiss wants a C-contiguous float32 numpy array on the CPU (one N x d copy).
+    x = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
+    use_gpu = _faiss_has_gpu()
+    gpu_device = bank.device.index if (bank.is_cuda and bank.device.index is not None) else 0
+
+    labels = torch.empty(num_clusterings, n, dtype=torch.long)
+    objectives = []
+    start = time.perf_counter()
+    for h in range(num_clusterings):
+        kmeans = faiss.Kmeans(d, int(num_clusters), niter=int(niter), seed=int(seed) + h,
+                              max_points_per_centroid=int(max_points_per_centroid),
+                              verbose=False)
+        if use_gpu:
+            config = faiss.GpuIndexFlatConfig()
+            config.device = gpu_device
+            config.useFloat16 = False          # exact distances, as the LA code
+            kmeans.index = faiss.GpuIndexFlatL2(faiss_gpu_resources(gpu_device), d, config)
+        kmeans.train(x)
+        # faiss >= 1.7 keeps the per-iteration objective as the numpy array
+        # `Kmeans.obj` (and more detail in `Kmeans.iteration_stats`, a list of
+        # dicts with 'obj', 'time', 'imbalance_factor', ...).  The C++
+        # `Clustering.obj` vector that older code read was removed.
+        objective = float(kmeans.obj[-1])
+        objectives.append(objective)
+        _, assignment = kmeans.assign(x)       # nearest final centroid of every row
+        labels[h] = torch.from_numpy(assignment.astype(np.int64))
+        if verbose:
+            elapsed = time.perf_counter() - start
+            left = elapsed / (h + 1) * (num_clusterings - h - 1)
+            print(f"k-means {h + 1}/{num_clusterings}: N={n} K={num_clusters} seed={int(seed) + h} "
+                  f"objective {kmeans.obj[0]:.4g} -> {objective:.4g} in {len(kmeans.obj)} iterations, "
+                  f"{elapsed / (h + 1):.2f} s/clustering, ~{left:.1f} s left "
+                  f"({'GPU' if use_gpu else 'CPU'} faiss)", flush=True)
+    if return_objectives:
+        return labels, objectives
+    return labels
+
+
+# ---------------------------------------------------------------------------
+# The background set B_i, with a backward pass that touches only B_i.
+# ---------------------------------------------------------------------------
+class _SelectedSimilarities(torch.autograd.Function):
+    """s[b, j] = z[b] . bank[nbr[b, j]] for already-chosen neighbours nbr.
+
+    Forward returns the similarities that top-k already computed (no second
+    matmul).  Backward is grad_z[b] = sum_j grad[b, j] * bank[nbr[b, j]],
+    an embedding_bag over the k chosen rows: O(B k d) work and no [B, N]
+    tensor.  (Letting autograd differentiate `(z @ bank.T).topk(k)` instead
+    would scatter the gradient into a dense [B, N] zero tensor and run a
+    second [B, N] x [N, d] matmul: about 1.4x the cost of the forward pass
+    at N = 100k on a CPU, and a second [B, N] tensor in memory.)
+    The bank is a buffer: no gradient is returned for it.
+    """
+
+    @staticmethod
+    def forward(ctx, z, bank, nbr, similarities):
+        ctx.save_for_backward(bank, nbr)
+        return similarities
+
+    @staticmethod
+    def backward(ctx, grad):
+        bank, nbr = ctx.saved_tensors
+        grad_z = F.embedding_bag(nbr, bank, per_sample_weights=grad.to(bank.dtype), mode="sum")
+        return grad_z, None, None, None
+
+
+def _check_inputs(z, bank, idx, tau, k_background, neighbours_of):
+    if not torch.is_tensor(z) or z.dim() != 2 or not z.is_floating_point():
+        raise ValueError(f"z must be a 2-D float tensor [B, d], got "
+                         f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
+    if not torch.is_tensor(bank) or bank.dim() != 2 or not bank.is_floating_point():
+        raise ValueError(f"bank must be a 2-D float tensor [N, d], got "
+                         f"{tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__}")
+    if bank.shape[1] != z.shape[1]:
+        raise ValueError(f"z [B, d] and bank [N, d] must share d, got z {tuple(z.shape)} "
+                         f"and bank {tuple(bank.shape)}")
+    n = bank.shape[0]
+    if (not torch.is_tensor(idx) or idx.dim() != 1 or idx.shape[0] != z.shape[0]
+            or idx.dtype not in (torch.int64, torch.int32)):
+        raise ValueError(f"idx must be an integer tensor [B] with B={z.shape[0]}, got "
+                         f"{(idx.dtype, tuple(idx.shape)) if torch.is_tensor(idx) else type(idx).__name__}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"idx must lie in [0, N) = [0, {n}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    if not float(tau) > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if int(k_background) != k_background or not 1 <= k_background <= n:
+        raise ValueError(f"k_background must be an integer in [1, N={n}], got {k_background}")
+    if neighbours_of not in ("z", "bank"):
+        raise ValueError(f"neighbours_of must be 'z' (LA code) or 'bank' (paper), got {neighbours_of!r}")
+    # The loss is a cosine softmax (Eq. 6 with unit vectors): it needs unit z.
+    norms = z.detach().float().norm(dim=1)
+    tolerance = 1e-3 if z.dtype in (torch.float32, torch.float64) else 1e-2
+    if (norms - 1).abs().max() > tolerance:
+        raise ValueError(f"z must have L2-normalized rows (|z_b| = 1 within {tolerance}); got norms in "
+                         f"[{norms.min():.4g}, {norms.max():.4g}]: apply F.normalize(z, dim=1) first")
+
+
+# ---------------------------------------------------------------------------
+# Eq. 8: the Local Aggregation loss.
+# ---------------------------------------------------------------------------
+def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
+            neighbours_of="z", include_self=True, reduction="mean"):
+    """Local Aggregation loss, -log p(C_i ∩ B_i | x_i, M) / p(B_i | x_i, M) (Eq. 8).
+
+    z:              [B, d] L2-normalized embeddings of one view of each image.
+    bank:           [N, d] memory bank (e.g. MemoryBank.vectors), unit rows.
+    idx:            [B] LongTensor, each image's index into the bank.
+    cluster_labels: [H, N] integer tensor from run_kmeans (same device as bank).
+                    C_i = {j : labels[h, j] == labels[h, i] for some h}.
+    tau:            temperature of Eq. 6 (Appendix D: 0.07).
+    k_background:   |B_i| (Appendix D: 4096).
+    neighbours_of:  "z" (default): B_i = the k_background entries nearest to
+                    z, as the LA code does.  "bank": nearest to M[i], the
+                    paper's wording in Sec. 5.3.  The two differ because M[i]
+                    averages older views (Eq. 9) while z is today's view; "bank"
+                    costs a second [B, N] matmul.
+    include_self:   True (default): B_i also contains i itself when i is not
+                    among the k_background nearest.  Eq. 8 defines p(I | x)
+                    for sets I containing i, and Theorem 5.4 (C_i = {i} gives
+                    BALL) needs i in B_i; it also guarantees C_i ∩ B_i is never
+                    empty, so the loss is always finite.  When i IS among the
+                    nearest, which is the normal case once z resembles M[i],
+                    this changes nothing.  False: exactly the LA code's sets;
+                    a row whose C_i ∩ B_i is empty then gets the LA code's
+                    value -log(1e-7) ~ 16.12, a constant with no gradient.
+    reduction:      "mean" -> scalar; "none" -> [B] per-image losses.
+
+    Computed in fp32 log space whatever the input dtype (exp(1 / 0.07) = 1.6e6
+    overflows fp16): the ratio is logsumexp over the masked numerator minus
+    logsumexp over B_i; there is no epsilon inside a log and no exp().
+    Memory: the [B, N] similarities (freed right after top-k, not kept for
+    backward) plus O(B * k_background) tensors; no [B, N] mask is built.
+    Gradients flow to z only; the bank and the labels are constants.
+    """
+    _check_inputs(z, bank, idx, tau, k_background, neighbours_of)
+    n = bank.shape[0]
+    if (not torch.is_tensor(cluster_labels) or cluster_labels.dim() != 2
+            or cluster_labels.shape[0] < 1 or cluster_labels.shape[1] != n
+            or cluster_labels.is_floating_point() or cluster_labels.dtype == torch.bool):
+        raise ValueError(f"cluster_labels must be an integer tensor [H, N] with H >= 1 and N={n} "
+                         f"(run_kmeans output), got "
+                         f"{(cluster_labels.dtype, tuple(cluster_labels.shape)) if torch.is_tensor(cluster_labels) else type(cluster_labels).__name__}")
+    if cluster_labels.device != bank.device:
+        raise ValueError(f"cluster_labels must be on the bank's device {bank.device}, got "
+                         f"{cluster_labels.device}: move them once per clustering, e.g. labels.to(bank.device)")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    idx = idx.to(device=bank.device, dtype=torch.long)
+    k = int(k_background)
+
+    # fp32 log space even under autocast (float64 inputs stay float64, which
+    # lets tests run torch.autograd.gradcheck); the bank is a constant buffer.
+    dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z_fp = z.to(dtype)
+        bank_fp = bank.detach().to(dtype)        # no copy when the bank is already fp32
+
+        # -- B_i: the k nearest bank entries.  Only these [B, k] numbers and
+        #    indices survive; the [B, N] similarity matrix is freed here.
+        with torch.no_grad():
+            if neighbours_of == "z":
+                sim, nbr = (z_fp.detach() @ bank_fp.T).topk(k, dim=1, sorted=False)
+            else:
+                nbr = (bank_fp[idx] @ bank_fp.T).topk(k, dim=1, sorted=False).indices
+                sim = (z_fp.detach() @ bank_fp.T).gather(1, nbr)
+        sim = _SelectedSimilarities.apply(z_fp, bank_fp, nbr, sim)          # [B, k], grad to z
+
+        # -- C_i ∩ B_i: which background entries share i's cluster in ANY of
+        #    the H clusterings.  One clustering at a time keeps the extra
+        #    memory at one [B, k] label gather plus one [B, k] boolean mask.
+        close = torch.zeros_like(nbr, dtype=torch.bool)                     # [B, k]
+        for labels_h in cluster_labels:                                     # [N] each
+            close |= labels_h[nbr] == labels_h[idx].unsqueeze(1)
+
+        logits = sim / tau                                                  # Eq. 6 exponent
+        in_background = torch.ones_like(close)                              # [B, k]
+        if include_self:
+            # One extra column holding i itself, counted only in rows where
+            # i is not already among the k nearest.  i is always in C_i.
+            self_missing = ~(nbr == idx.unsqueeze(1)).any(dim=1, keepdim=True)   # [B, 1]
+            self_logit = (z_fp * bank_fp[idx]).sum(dim=1, keepdim=True) / tau      # [B, 1]
+            logits = torch.cat([logits, self_logit], dim=1)                      # [B, k+1]
+            in_background = torch.cat([in_background, self_missing], dim=1)
+            close = torch.cat([close, self_missing], dim=1)
+        has_close = close.any(dim=1)                                        # all True if include_self
+
+        # -- Eq. 8 in log space.  The fixed Z of the LA code, like the true
+        #    partition sum of Eq. 6, divides numerator and denominator alike
+        #    and cancels, so neither is computed.  Rows without any close
+        #    entry (only possible with include_self=False) use the denominator
+        #    mask in the numerator to stay finite and are replaced below.
+        numerator_mask = close | ~has_close.unsqueeze(1)
+        log_numerator = logits.masked_fill(~numerator_mask, -math.inf).logsumexp(dim=1)
+        log_background = logits.masked_fill(~in_background, -math.inf).logsumexp(dim=1)
+        per_image = log_background - log_numerator                          # -L^LA, >= 0
+        if not include_self:
+            # The LA code's -log(0 + 1e-7) for an empty C_i ∩ B_i.
+            per_image = torch.where(has_close, per_image, per_image.new_tensor(-math.log(1e-7)))
+
+    return per_image.mean() if reduction == "mean" else per_image
