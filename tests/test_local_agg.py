@@ -1,0 +1,368 @@
+"""Checks for local_agg.py: run_kmeans (Appendix D) and la_loss (Eq. 8,
+Theorem 5.4, Corollary 5.4.1).
+
+The references below are written densely and in float64 on purpose (they
+build [B, N] masks, which la_loss must not), so they are independent of the
+code under test.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from local_agg import la_loss, run_kmeans
+
+TAU = 0.07
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded_faiss():
+    """faiss and torch each keep an OpenMP thread pool; on a busy 2-core
+    machine the two pools' spinning threads made a 800 x 8 k-means take
+    2.5 s instead of 2 ms.  The tests' problems are tiny, so run faiss on one
+    thread here and restore the setting afterwards."""
+    import faiss
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------
+# Synthetic data: a bank of unit vectors around a few class centres, and a
+# batch of fresh noisy "views" of some of its entries.
+# ---------------------------------------------------------------------------
+def clustered_bank(n=600, d=16, classes=12, spread=0.35, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(classes, d, generator=g), dim=1)
+    truth = torch.randint(0, classes, (n,), generator=g)
+    bank = F.normalize(centres[truth] + spread * torch.randn(n, d, generator=g) / math.sqrt(d), dim=1)
+    return bank, truth
+
+
+def views_of(bank, batch=24, noise=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(bank.shape[0], generator=g)[:batch]
+    z = F.normalize(bank[idx] + noise * torch.randn(batch, bank.shape[1], generator=g), dim=1)
+    return z, idx
+
+
+@pytest.fixture(scope="module")
+def data():
+    bank, truth = clustered_bank()
+    labels = run_kmeans(bank, 12, num_clusterings=3, seed=0, verbose=False)
+    z, idx = views_of(bank)
+    return bank, truth, labels, z, idx
+
+
+def la_code_reference(z, bank, idx, labels, tau, k):
+    """The published LA code's formula, densely, in float64: B_i = top-k of
+    z . M (i not forced in), p = exp(s / tau) / Z with its fixed Z, numerator
+    over the background entries sharing i's label in any clustering, and
+    -log(ratio + 1e-7)."""
+    z, bank = z.double(), bank.double()
+    n = bank.shape[0]
+    background_sim, background = (z @ bank.T).topk(k, dim=1)
+    p = torch.exp(background_sim / tau) / (2876934.2 / 1281167 * n)
+    close = (labels[:, background] == labels[:, idx].unsqueeze(2)).any(dim=0)      # [B, k]
+    ratio = (p * close).sum(dim=1) / p.sum(dim=1)
+    return -torch.log(ratio + 1e-7)
+
+
+def dense_ball(z, bank, idx, tau, k):
+    """-log p(i | x) / p(B_i | x) with B_i = top-k of z . M, plus i (float64)."""
+    s = z.double() @ bank.double().T / tau                                      # [B, N]
+    in_ball = torch.zeros_like(s, dtype=torch.bool)
+    in_ball.scatter_(1, s.topk(k, dim=1).indices, True)
+    in_ball[torch.arange(len(idx)), idx] = True
+    return s.masked_fill(~in_ball, -math.inf).logsumexp(dim=1) - s[torch.arange(len(idx)), idx]
+
+
+def close_in_background_count(z, bank, idx, labels, k):
+    """|C_i ∩ B_i| for B_i = top-k of z . M plus i."""
+    background = (z.double() @ bank.double().T).topk(k, dim=1).indices
+    close = (labels[:, background] == labels[:, idx].unsqueeze(2)).any(dim=0)
+    i_missing = ~(background == idx.unsqueeze(1)).any(dim=1)
+    return close.sum(dim=1) + i_missing
+
+
+# ---------------------------------------------------------------------------
+# run_kmeans
+# ---------------------------------------------------------------------------
+def test_run_kmeans_shape_range_and_seeds():
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(800, 8, generator=g), dim=1)   # no cluster structure
+    labels = run_kmeans(bank, 10, num_clusterings=3, seed=5, verbose=False)
+    assert labels.shape == (3, 800) and labels.dtype == torch.long
+    assert int(labels.min()) >= 0 and int(labels.max()) < 10
+    # Deterministic per seed, and clustering h uses seed + h (Appendix D:
+    # different initialisations per clustering).
+    assert torch.equal(labels, run_kmeans(bank, 10, num_clusterings=3, seed=5, verbose=False))
+    assert torch.equal(labels[1:], run_kmeans(bank, 10, num_clusterings=2, seed=6, verbose=False))
+    # Different seeds give different PARTITIONS (not just renamed ids).
+    together = [(l.unsqueeze(0) == l.unsqueeze(1)) for l in labels]           # co-membership
+    assert not torch.equal(together[0], together[1])
+    assert not torch.equal(together[1], together[2])
+
+
+def test_run_kmeans_finds_planted_clusters():
+    # Over-clustering (more clusters than classes), as LA does (30,000 > 1,000
+    # ImageNet classes): every found cluster should sit inside one class.
+    bank, truth = clustered_bank(n=1200, d=16, classes=6, spread=0.2, seed=4)
+    labels = run_kmeans(bank, 12, num_clusterings=2, seed=0, verbose=False)
+    for row in labels:
+        # purity: each found cluster is dominated by one planted class
+        majority = sum(int(torch.bincount(truth[row == c]).max()) for c in row.unique())
+        assert majority / len(truth) > 0.9
+
+
+def test_run_kmeans_uses_every_point_and_reports_objective():
+    """faiss subsamples to 256 points per centroid by default; run_kmeans must
+    not.  The objective faiss reports (Kmeans.obj[-1]) is the squared error
+    over the points it trained on, so it covers all N only without
+    subsampling: it must then be >= the within-cluster sum of squares of the
+    returned labels (the centroids that minimise it are the label means, and a
+    final assignment step can only lower it further)."""
+    g = torch.Generator().manual_seed(7)
+    bank = F.normalize(torch.randn(3000, 8, generator=g), dim=1)
+    x = bank.double()
+
+    def within_cluster_ss(row):
+        return sum(float(((x[row == c] - x[row == c].mean(0)) ** 2).sum()) for c in row.unique())
+
+    labels, objectives = run_kmeans(bank, 4, num_clusterings=1, verbose=False, return_objectives=True)
+    full = within_cluster_ss(labels[0])
+    assert full <= objectives[0] * (1 + 1e-4)
+    assert objectives[0] < 1.05 * full
+    # Faiss's default (256 points per centroid = 1024 of 3000) fits and
+    # reports on a third of the points only.
+    labels_sub, objectives_sub = run_kmeans(bank, 4, num_clusterings=1, verbose=False,
+                                            max_points_per_centroid=256, return_objectives=True)
+    assert objectives_sub[0] < 0.5 * within_cluster_ss(labels_sub[0])
+
+
+def test_run_kmeans_bad_inputs():
+    bank = F.normalize(torch.randn(50, 4), dim=1)
+    with pytest.raises(ValueError, match="num_clusters"):
+        run_kmeans(bank, 51, verbose=False)
+    with pytest.raises(ValueError, match="num_clusters"):
+        run_kmeans(bank, 0, verbose=False)
+    with pytest.raises(ValueError, match="num_clusterings"):
+        run_kmeans(bank, 5, num_clusterings=0, verbose=False)
+    with pytest.raises(ValueError, match="bank"):
+        run_kmeans(bank[0], 5, verbose=False)
+    with pytest.raises(ValueError, match="max_points_per_centroid"):
+        run_kmeans(bank, 5, max_points_per_centroid=0, verbose=False)
+
+
+# ---------------------------------------------------------------------------
+# la_loss: fidelity to the LA code, and Eq. 8 itself
+# ---------------------------------------------------------------------------
+def test_la_loss_matches_the_published_la_formula(data):
+    bank, _, labels, z, idx = data
+    for k in (5, 40, 300):
+        expected = la_code_reference(z, bank, idx, labels, TAU, k)
+        got = la_loss(z, bank, idx, labels, k_background=k, include_self=False, reduction="none")
+        # equal up to the LA code's 1e-7 inside the log: |diff| <= 1e-7 / ratio
+        assert torch.allclose(got.double(), expected, atol=1e-5, rtol=0)
+        # Here every image's own entry is among the k nearest of its view, so
+        # adding i to B_i changes nothing.
+        assert torch.equal(got, la_loss(z, bank, idx, labels, k_background=k, reduction="none"))
+
+
+def test_include_self_when_i_is_outside_the_background():
+    """Row 0's view points away from its own bank entry and i is alone in its
+    cluster: the LA code gives -log(1e-7) (no gradient); include_self=True
+    gives BALL's value with i added to B_i (Eq. 8 needs i in the set)."""
+    bank, _ = clustered_bank(n=300, seed=2)
+    z, idx = views_of(bank, batch=6, seed=3)
+    z = z.clone()
+    z[0] = -bank[idx[0]]                                                   # far from M[i]
+    labels = torch.arange(300).unsqueeze(0).repeat(2, 1)                    # C_i = {i}
+    k = 20
+    code = la_loss(z, bank, idx, labels, k_background=k, include_self=False, reduction="none")
+    assert code[0].item() == pytest.approx(-math.log(1e-7))
+    ours = la_loss(z, bank, idx, labels, k_background=k, reduction="none")
+    assert torch.allclose(ours.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
+    assert torch.isfinite(ours).all() and ours[0] > 20                      # large but finite
+    # no gradient from the LA code's constant row
+    z_leaf = z.clone().requires_grad_()
+    la_loss(z_leaf, bank, idx, labels, k_background=k, include_self=False, reduction="none")[0].backward()
+    assert torch.count_nonzero(z_leaf.grad) == 0
+
+
+def test_theorem_5_4_singleton_close_sets_give_ball(data):
+    """Theorem 5.4: with C_i = {i} (one 'cluster' per entry: labels = arange),
+    LA-SIMPLE equals BALL, -log p(i | x) / p(B_i | x), for every image."""
+    bank, _, _, z, idx = data
+    singletons = torch.arange(bank.shape[0]).unsqueeze(0)
+    for k, neighbours_of in ((10, "z"), (100, "z"), (100, "bank")):
+        got = la_loss(z, bank, idx, singletons, k_background=k, neighbours_of=neighbours_of,
+                      reduction="none")
+        if neighbours_of == "z":
+            assert torch.allclose(got.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
+        assert (got > 0).all()
+    # H copies of the identity clustering are still C_i = {i}.
+    assert torch.equal(la_loss(z, bank, idx, singletons, k_background=50),
+                       la_loss(z, bank, idx, singletons.repeat(4, 1), k_background=50))
+
+
+def test_close_set_is_the_union_over_clusterings(data):
+    """Adding clusterings can only grow C_i, so each image's loss can only
+    drop; C_i covering the whole bank gives p(C ∩ B) = p(B): loss 0."""
+    bank, _, labels, z, idx = data
+    previous = la_loss(z, bank, idx, labels[:1], k_background=60, reduction="none")
+    for h in (2, 3):
+        current = la_loss(z, bank, idx, labels[:h], k_background=60, reduction="none")
+        assert (current <= previous + 1e-6).all()
+        previous = current
+    one_cluster = torch.zeros(1, bank.shape[0], dtype=torch.long)
+    assert torch.allclose(la_loss(z, bank, idx, one_cluster, k_background=60), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(la_loss(z, bank, idx, torch.cat([labels, one_cluster]), k_background=60),
+                          torch.tensor(0.0), atol=1e-6)
+
+
+def test_corollary_5_4_1_which_inequality_holds(data):
+    """Corollary 5.4.1's proof argues E[L^LA-SIMPLE] >= E[L^LA] (objectives).
+
+    Literally, the opposite holds for every image: C_i ∩ B_i contains i and
+    probabilities are >= 0, so p(C_i ∩ B_i | x) >= p(i | x) and
+    L^LA >= L^LA-SIMPLE, i.e. la_loss <= BALL, strictly whenever C_i ∩ B_i has
+    another member.  The proof's "∝" step replaces the sum over C_i ∩ B_i by
+    its MEAN, dropping log |C_i ∩ B_i| (not a constant); the inequality it then
+    argues, L^LA - log|C_i ∩ B_i| <= L^LA-SIMPLE, holds exactly when
+    p(i | x) >= mean_{k in C_i ∩ B_i} p(k | x): true when the view is closest
+    to its own entry (the noise heuristic), false otherwise.  And the
+    corollary's conclusion I(X; X) >= E[L^LA] holds trivially: L^LA <= 0."""
+    bank, _, labels, z, idx = data
+    k = 80
+    la = la_loss(z, bank, idx, labels, k_background=k, reduction="none").double()
+    simple = la_loss(z, bank, idx, torch.arange(bank.shape[0]).unsqueeze(0), k_background=k,
+                     reduction="none").double()
+    size = close_in_background_count(z, bank, idx, labels, k).double()
+    assert (la >= 0).all()                                        # L^LA <= 0 <= I(X; X)
+    assert (la <= simple + 1e-6).all()                            # L^LA >= L^LA-SIMPLE
+    assert (la[size > 1] < simple[size > 1] - 1e-3).all()
+    assert (size > 1).sum() >= len(idx) // 2
+    # mean-normalised version: holds here, where each view is nearest its own entry
+    assert ((z.double() @ bank.double().T).argmax(dim=1) == idx).all()
+    assert (-la - torch.log(size) <= -simple + 1e-6).all()
+    # ... and fails when the view sits on a cluster-mate j instead of on M[i]
+    i = int(idx[0])
+    mates = torch.nonzero((labels[:, i:i + 1] == labels).any(dim=0)).flatten()
+    j = int(mates[mates != i][0])
+    z_mate = bank[j:j + 1].clone()
+    la_j = la_loss(z_mate, bank, idx[:1], labels, k_background=k, reduction="none").double()
+    simple_j = la_loss(z_mate, bank, idx[:1], torch.arange(bank.shape[0]).unsqueeze(0),
+                       k_background=k, reduction="none").double()
+    size_j = close_in_background_count(z_mate, bank, idx[:1], labels, k).double()
+    assert (-la_j - torch.log(size_j) > -simple_j).all()
+
+
+def test_neighbours_of_bank_versus_z(data):
+    bank, _, labels, z, idx = data
+    exact_views = bank[idx]
+    assert torch.equal(la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="z"),
+                       la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="bank"))
+    noisy, _ = views_of(bank, batch=24, noise=0.6, seed=1)
+    by_z = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="z", reduction="none")
+    by_m = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="bank", reduction="none")
+    assert not torch.allclose(by_z, by_m)
+    # With B_i around M[i], i itself is always in B_i: include_self is moot.
+    assert torch.equal(by_m, la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="bank",
+                                     include_self=False, reduction="none"))
+
+
+# ---------------------------------------------------------------------------
+# Numerics, gradients, memory
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_stay_finite(data, dtype):
+    bank, _, labels, z, idx = data
+    # The pitfall: exp(z . M / tau) at z . M = 1, tau = 0.07 is 1.6e6 > 65504.
+    assert torch.isinf(torch.exp(torch.tensor(1.0 / TAU, dtype=torch.float16)))
+    z_low = z.to(dtype).requires_grad_()
+    bank_low = bank.to(dtype)
+    loss = la_loss(z_low, bank_low, idx, labels, k_background=60)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert z_low.grad.dtype == dtype and torch.isfinite(z_low.grad).all()
+    exact = la_loss(z_low.detach().float(), bank_low.float(), idx, labels, k_background=60)
+    assert torch.allclose(loss, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_reaches_z_only_and_matches_autograd(data):
+    bank, _, labels, z, idx = data
+    bank = bank.clone().requires_grad_()            # even if a caller forgets to detach
+    z_leaf = z.clone().requires_grad_()
+    la_loss(z_leaf, bank, idx, labels, k_background=50).backward()
+    assert bank.grad is None
+    assert z_leaf.grad is not None and z_leaf.grad.abs().sum() > 0
+    # float64 gradcheck of the custom top-k backward (embedding_bag)
+    z64 = z[:6].double().requires_grad_()
+    bank64 = bank.detach().double()
+    assert torch.autograd.gradcheck(
+        lambda v: la_loss(v, bank64, idx[:6], labels, k_background=40, reduction="none"), (z64,),
+        eps=1e-6, atol=1e-6)
+
+
+class _LargeTensors(TorchDispatchMode):
+    """Records the shape of every op output with at least `threshold` elements."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.threshold, self.seen = threshold, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(t) and t.numel() >= self.threshold:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("neighbours_of,expected", [("z", 1), ("bank", 2)])
+def test_only_the_similarities_are_batch_by_bank(neighbours_of, expected):
+    """The one [B, N] tensor is z @ M^T (two of them, one after the other, for
+    neighbours_of='bank'); no [B, N] mask, and none in the backward pass."""
+    batch, n, d = 16, 4000, 8                       # d < B: the bank itself stays below B * N
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    labels = torch.randint(0, 40, (10, n), generator=g)
+    z = F.normalize(torch.randn(batch, d, generator=g), dim=1).requires_grad_()
+    idx = torch.randint(0, n, (batch,), generator=g)
+    with _LargeTensors(batch * n) as record:
+        la_loss(z, bank, idx, labels, k_background=100, neighbours_of=neighbours_of).backward()
+    assert [shape for _, shape in record.seen] == [(batch, n)] * expected, record.seen
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------
+def test_la_loss_bad_inputs(data):
+    bank, _, labels, z, idx = data
+    n = bank.shape[0]
+    cases = [
+        (dict(cluster_labels=labels[0]), "cluster_labels"),                  # [N], not [H, N]
+        (dict(cluster_labels=labels[:, :-1]), "cluster_labels"),             # [H, N-1]
+        (dict(cluster_labels=labels.float()), "cluster_labels"),
+        (dict(cluster_labels=labels.to("meta")), "device"),
+        (dict(k_background=n + 1), "k_background"),
+        (dict(k_background=0), "k_background"),
+        (dict(z=2 * z), "normalized"),
+        (dict(z=z[:, :-1]), "share d"),
+        (dict(idx=idx[:-1]), "idx"),
+        (dict(idx=idx.float()), "idx"),
+        (dict(idx=idx + n), r"\[0, N\)"),
+        (dict(tau=0.0), "tau"),
+        (dict(neighbours_of="memory"), "neighbours_of"),
+        (dict(reduction="sum"), "reduction"),
+    ]
+    for change, message in cases:
+        arguments = dict(z=z, bank=bank, idx=idx, cluster_labels=labels, k_background=10)
+        arguments.update(change)
+        with pytest.raises(ValueError, match=message):
+            la_loss(**arguments)
