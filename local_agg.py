@@ -36,12 +36,14 @@ The authors' TensorFlow code (neuroailab/LocalAggregation) and PyTorch port
     label equals i's label in ANY of the H clusterings (a logical OR over
     clusterings of per-clustering equality masks, each [B, k]);
   * loss = -mean log(ratio + 1e-7).
-This file computes the same ratio in log space (masked logsumexp), so without
-the 1e-7: the two agree to within log(1 + 1e-7 / ratio), i.e. to 1e-7
-relative to 1/ratio (< 5e-4 for ratio >= 1/4096, an average neighbour).  The
-one real difference is the
-`include_self` choice below, which only matters when the image's own entry
-is not among z's k_background nearest entries.
+This file computes the same ratio in log space (masked logsumexp), without
+the 1e-7: the two differ by log(1 + 1e-7 / ratio) <= 1e-7 / ratio, which is
+below 4.1e-4 whenever ratio >= 1/4096 (C_i ∩ B_i holding at least an average
+background entry's share).  The one real difference is the `include_positive`
+choice below, which only matters when the image's own entry is not among z's
+k_background nearest entries.  (A curiosity that Theorem 5.4 explains: the TF
+code initialises every clustering to labels = arange(N), i.e. C_i = {i}, so
+until its first k-means LA trains exactly as BALL.)
 """
 
 import argparse
@@ -239,31 +241,33 @@ def _check_inputs(z, bank, idx, tau, k_background, neighbours_of):
 # Eq. 8: the Local Aggregation loss.
 # ---------------------------------------------------------------------------
 def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
-            neighbours_of="z", include_self=True, reduction="mean"):
+            neighbours_of="z", include_positive=True, reduction="mean"):
     """Local Aggregation loss, -log p(C_i ∩ B_i | x_i, M) / p(B_i | x_i, M) (Eq. 8).
 
-    z:              [B, d] L2-normalized embeddings of one view of each image.
-    bank:           [N, d] memory bank (e.g. MemoryBank.vectors), unit rows.
-    idx:            [B] LongTensor, each image's index into the bank.
-    cluster_labels: [H, N] integer tensor from run_kmeans (same device as bank).
+    z               [B, d] L2-normalized embeddings of one view of each image.
+    bank            [N, d] memory bank (e.g. MemoryBank.vectors), unit rows.
+    idx             [B] LongTensor, each image's index into the bank.
+    cluster_labels  [H, N] integer tensor from run_kmeans (on the bank's device):
                     C_i = {j : labels[h, j] == labels[h, i] for some h}.
-    tau:            temperature of Eq. 6 (Appendix D: 0.07).
-    k_background:   |B_i| (Appendix D: 4096).
-    neighbours_of:  "z" (default): B_i = the k_background entries nearest to
-                    z, as the LA code does.  "bank": nearest to M[i], the
-                    paper's wording in Sec. 5.3.  The two differ because M[i]
-                    averages older views (Eq. 9) while z is today's view; "bank"
-                    costs a second [B, N] matmul.
-    include_self:   True (default): B_i also contains i itself when i is not
-                    among the k_background nearest.  Eq. 8 defines p(I | x)
-                    for sets I containing i, and Theorem 5.4 (C_i = {i} gives
-                    BALL) needs i in B_i; it also guarantees C_i ∩ B_i is never
-                    empty, so the loss is always finite.  When i IS among the
-                    nearest, which is the normal case once z resembles M[i],
-                    this changes nothing.  False: exactly the LA code's sets;
-                    a row whose C_i ∩ B_i is empty then gets the LA code's
-                    value -log(1e-7) ~ 16.12, a constant with no gradient.
-    reduction:      "mean" -> scalar; "none" -> [B] per-image losses.
+    tau             temperature of Eq. 6 (Appendix D: 0.07).
+    k_background    |B_i| (Appendix D: 4096).
+    neighbours_of   "z" (default): B_i = the k_background entries nearest to z,
+                    as the LA code does.  "bank": nearest to M[i], the paper's
+                    wording in Sec. 5.3.  They differ because M[i] averages
+                    older views (Eq. 9) while z is today's view; "bank" costs a
+                    second [B, N] matmul.
+    include_positive
+                    True (default): B_i also contains i itself when i is not
+                    among the k_background nearest (the same convention as
+                    instance_disc.ball_loss).  Eq. 8 defines p(I | x) for sets
+                    I containing i, and Theorem 5.4 (C_i = {i} gives BALL)
+                    needs i in B_i; it also keeps C_i ∩ B_i non-empty, so the
+                    loss is always finite.  When i IS among the nearest, the
+                    normal case once z resembles M[i], it changes nothing.
+                    False: exactly the LA code's sets; a row whose C_i ∩ B_i is
+                    empty then gets the LA code's value -log(1e-7) = 16.12, a
+                    constant with no gradient.
+    reduction       "mean" -> scalar; "none" -> [B] per-image losses.
 
     Computed in fp32 log space whatever the input dtype (exp(1 / 0.07) = 1.6e6
     overflows fp16): the ratio is logsumexp over the masked numerator minus
@@ -314,7 +318,7 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
 
         logits = sim / tau                                                  # Eq. 6 exponent
         in_background = torch.ones_like(close)                              # [B, k]
-        if include_self:
+        if include_positive:
             # One extra column holding i itself, counted only in rows where
             # i is not already among the k nearest.  i is always in C_i.
             self_missing = ~(nbr == idx.unsqueeze(1)).any(dim=1, keepdim=True)   # [B, 1]
@@ -322,18 +326,18 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
             logits = torch.cat([logits, self_logit], dim=1)                      # [B, k+1]
             in_background = torch.cat([in_background, self_missing], dim=1)
             close = torch.cat([close, self_missing], dim=1)
-        has_close = close.any(dim=1)                                        # all True if include_self
+        has_close = close.any(dim=1)                                        # all True if include_positive
 
         # -- Eq. 8 in log space.  The fixed Z of the LA code, like the true
         #    partition sum of Eq. 6, divides numerator and denominator alike
         #    and cancels, so neither is computed.  Rows without any close
-        #    entry (only possible with include_self=False) use the denominator
+        #    entry (only possible with include_positive=False) use the denominator
         #    mask in the numerator to stay finite and are replaced below.
         numerator_mask = close | ~has_close.unsqueeze(1)
         log_numerator = logits.masked_fill(~numerator_mask, -math.inf).logsumexp(dim=1)
         log_background = logits.masked_fill(~in_background, -math.inf).logsumexp(dim=1)
         per_image = log_background - log_numerator                          # -L^LA, >= 0
-        if not include_self:
+        if not include_positive:
             # The LA code's -log(0 + 1e-7) for an empty C_i ∩ B_i.
             per_image = torch.where(has_close, per_image, per_image.new_tensor(-math.log(1e-7)))
 

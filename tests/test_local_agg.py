@@ -165,7 +165,7 @@ def test_la_loss_matches_the_published_la_formula(data):
     bank, _, labels, z, idx = data
     for k in (5, 40, 300):
         expected = la_code_reference(z, bank, idx, labels, TAU, k)
-        got = la_loss(z, bank, idx, labels, k_background=k, include_self=False, reduction="none")
+        got = la_loss(z, bank, idx, labels, k_background=k, include_positive=False, reduction="none")
         # equal up to the LA code's 1e-7 inside the log: |diff| <= 1e-7 / ratio
         assert torch.allclose(got.double(), expected, atol=1e-5, rtol=0)
         # Here every image's own entry is among the k nearest of its view, so
@@ -173,9 +173,9 @@ def test_la_loss_matches_the_published_la_formula(data):
         assert torch.equal(got, la_loss(z, bank, idx, labels, k_background=k, reduction="none"))
 
 
-def test_include_self_when_i_is_outside_the_background():
+def test_include_positive_when_i_is_outside_the_background():
     """Row 0's view points away from its own bank entry and i is alone in its
-    cluster: the LA code gives -log(1e-7) (no gradient); include_self=True
+    cluster: the LA code gives -log(1e-7) (no gradient); include_positive=True
     gives BALL's value with i added to B_i (Eq. 8 needs i in the set)."""
     bank, _ = clustered_bank(n=300, seed=2)
     z, idx = views_of(bank, batch=6, seed=3)
@@ -183,14 +183,14 @@ def test_include_self_when_i_is_outside_the_background():
     z[0] = -bank[idx[0]]                                                   # far from M[i]
     labels = torch.arange(300).unsqueeze(0).repeat(2, 1)                    # C_i = {i}
     k = 20
-    code = la_loss(z, bank, idx, labels, k_background=k, include_self=False, reduction="none")
+    code = la_loss(z, bank, idx, labels, k_background=k, include_positive=False, reduction="none")
     assert code[0].item() == pytest.approx(-math.log(1e-7))
     ours = la_loss(z, bank, idx, labels, k_background=k, reduction="none")
     assert torch.allclose(ours.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
     assert torch.isfinite(ours).all() and ours[0] > 20                      # large but finite
     # no gradient from the LA code's constant row
     z_leaf = z.clone().requires_grad_()
-    la_loss(z_leaf, bank, idx, labels, k_background=k, include_self=False, reduction="none")[0].backward()
+    la_loss(z_leaf, bank, idx, labels, k_background=k, include_positive=False, reduction="none")[0].backward()
     assert torch.count_nonzero(z_leaf.grad) == 0
 
 
@@ -271,9 +271,9 @@ def test_neighbours_of_bank_versus_z(data):
     by_z = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="z", reduction="none")
     by_m = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="bank", reduction="none")
     assert not torch.allclose(by_z, by_m)
-    # With B_i around M[i], i itself is always in B_i: include_self is moot.
+    # With B_i around M[i], i itself is always in B_i: include_positive is moot.
     assert torch.equal(by_m, la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="bank",
-                                     include_self=False, reduction="none"))
+                                     include_positive=False, reduction="none"))
 
 
 # ---------------------------------------------------------------------------
