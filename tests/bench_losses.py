@@ -1,0 +1,198 @@
+"""Speed and memory of the Section 5.3 losses at (part of) ImageNet scale.
+
+    python tests/bench_losses.py                       # N in {10k, 100k}, ~2-4 min on 2 cores
+    python tests/bench_losses.py --sizes 10000 --skip-kmeans
+
+A benchmark, not a test (its name does not start with test_): it prints
+figures and asserts nothing.
+
+One *training step* of a loss = z = normalize(raw) -> loss forward ->
+backward to raw -> MemoryBank.update(idx, z, alpha=0.5) (Eq. 7), with the
+ImageNet shapes of Appendix D: B = 256, d = 128, |B_i| = k_background = 4096,
+H = 10 clusterings, and about N / 42.7 clusters per clustering (ImageNet:
+30,000 clusters for 1,281,167 images).  Bank size N varies.
+
+The *work floor* is what any loss that looks at every bank entry and picks
+B_i must do: one z @ bank.T matmul plus one top-k (unsorted) of each row.
+Target: every loss within 1.2x of it.  (IR and IR-NCE need no top-k, so
+their ratio can be below 1.)
+
+Memory: from the torch profiler's allocation events (profile_memory=True),
+the peak that torch allocates during one step, and the peak of everything
+except the [B, N] fp32 similarities (one live [B, N] block is subtracted
+wherever one is live), in units of one [B, k_background] fp32 tensor.  The
+target for LA: at most H of them.
+
+faiss k-means: one clustering of N = 100k rows (d = 128) into 1,000 clusters,
+20 iterations, every row used (no subsampling), as run_kmeans does.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from instance_disc import ann_loss, ball_loss, ir_loss, ir_nce_loss  # noqa: E402
+from local_agg import la_loss, run_kmeans  # noqa: E402
+from memory_bank import MemoryBank  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000],
+                    help="bank sizes N to measure (ImageNet: 1,281,167)")
+parser.add_argument("--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)")
+parser.add_argument("--dim", type=int, default=128, help="d, embedding size (Appendix D: 128)")
+parser.add_argument("--k-background", type=int, default=4096, help="|B_i| (Appendix D: 4096)")
+parser.add_argument("--num-negatives", type=int, default=4096, help="IR-NCE's sampled negatives")
+parser.add_argument("--clusterings", type=int, default=10, help="H, k-means runs for LA's C_i (Appendix D: 10)")
+parser.add_argument("--repeats", type=int, default=5, help="timed steps per loss (the median is reported)")
+parser.add_argument("--tau", type=float, default=0.07, help="temperature (Appendix D: 0.07)")
+parser.add_argument("--alpha", type=float, default=0.5, help="bank update rate of Eq. 7 (Appendix D: 0.5)")
+parser.add_argument("--kmeans-n", type=int, default=100_000, help="rows for the faiss k-means timing")
+parser.add_argument("--kmeans-k", type=int, default=1000, help="clusters for the faiss k-means timing")
+parser.add_argument("--skip-kmeans", action="store_true", help="do not time faiss k-means")
+parser.add_argument("--skip-memory", action="store_true", help="do not profile memory")
+parser.add_argument("--threads", type=int, default=None,
+                    help="torch (and faiss) CPU threads; default: torch's default. On a shared machine "
+                         "1 thread gives steadier figures (busy OpenMP pools stall on every small op)")
+
+
+def median_ms(fn, repeats):
+    fn()                                                   # warm-up: allocator, thread pools
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def peak_allocated_bytes(fn, similarities_bytes):
+    """(peak, peak beyond the similarities) of torch's CPU allocations during fn().
+
+    From the profiler's '[memory]' events, in time order: 'Total Allocated'
+    is the running total, 'Bytes' the signed size, 'Addr' the block.  The
+    second figure subtracts one live [B, N] block (the similarities) from
+    the running total wherever one is live, so it is the peak of everything
+    ELSE, whether it coincides with the similarities or comes after them."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    finally:
+        os.remove(path)
+    if not events:
+        return 0, 0
+    events.sort(key=lambda e: e["ts"])
+    baseline = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    live_similarity_blocks = set()
+    peak = peak_beyond = 0
+    for e in events:
+        a = e["args"]
+        if abs(a["Bytes"]) == similarities_bytes:
+            (live_similarity_blocks.add if a["Bytes"] > 0 else live_similarity_blocks.discard)(a["Addr"])
+        total = a["Total Allocated"] - baseline
+        peak = max(peak, total)
+        peak_beyond = max(peak_beyond, total - similarities_bytes * min(1, len(live_similarity_blocks)))
+    return peak, peak_beyond
+
+
+def main(args):
+    torch.manual_seed(0)
+    if args.threads is not None:
+        import faiss
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    b, d, k, h = args.batch_size, args.dim, args.k_background, args.clusterings
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} d={d} k_background={k} "
+          f"H={h} repeats={args.repeats} (median ms)")
+    print("Timings on a shared machine are noisy; compare ratios taken in the same run.\n")
+
+    rows, memory_rows = {}, []
+    for n in args.sizes:
+        bank = MemoryBank(n, d, seed=0)
+        num_clusters = max(2, round(n * 30_000 / 1_281_167))
+        labels = torch.randint(0, num_clusters, (h, n))
+        raw = torch.randn(b, d, requires_grad=True)
+        idx = torch.randperm(n)[:b]
+
+        def floor():
+            with torch.no_grad():
+                (raw.detach() @ bank.vectors.T).topk(k, dim=1, sorted=False)
+
+        losses = {
+            "IR (Eq. 6)": lambda z: ir_loss(z, bank.vectors, idx, args.tau),
+            "IR-NCE": lambda z: ir_nce_loss(z, bank.vectors, idx, args.tau, args.num_negatives),
+            "BALL (Def. 5.2)": lambda z: ball_loss(z, bank.vectors, idx, args.tau, k),
+            "ANN (Def. 5.3)": lambda z: ann_loss(z, bank.vectors, idx, args.tau, k),
+            "LA (Eq. 8)": lambda z: la_loss(z, bank.vectors, idx, labels, args.tau, k),
+        }
+
+        def step(loss_fn):
+            def run():
+                raw.grad = None
+                z = F.normalize(raw, dim=1)
+                loss_fn(z).backward()
+                bank.update(idx, z.detach(), args.alpha)
+            return run
+
+        floor_ms = median_ms(floor, args.repeats)
+        rows.setdefault("floor: z @ bank.T + topk", {})[n] = (floor_ms, 1.0)
+        print(f"N={n}: floor {floor_ms:.1f} ms", flush=True)
+        for name, loss_fn in losses.items():
+            ms = median_ms(step(loss_fn), args.repeats)
+            rows.setdefault(name, {})[n] = (ms, ms / floor_ms)
+            print(f"N={n}: {name} {ms:.1f} ms = {ms / floor_ms:.2f} x floor", flush=True)
+
+        if not args.skip_memory:
+            for name, loss_fn in losses.items():
+                peak, beyond = peak_allocated_bytes(step(loss_fn), b * n * 4)
+                memory_rows.append((n, name, peak, beyond / (b * k * 4)))
+
+    # ---- tables ----------------------------------------------------------
+    sizes = args.sizes
+    print("\n| step (forward + backward + bank update) | "
+          + " | ".join(f"N={n:,}: ms (x floor)" for n in sizes)
+          + (f" | time N={sizes[-1]:,} / N={sizes[0]:,} |" if len(sizes) > 1 else " |"))
+    print("|---|" + "---|" * len(sizes) + ("---|" if len(sizes) > 1 else ""))
+    for name, by_n in rows.items():
+        cells = " | ".join(f"{by_n[n][0]:.1f} ({by_n[n][1]:.2f}x)" for n in sizes)
+        scale = f" | {by_n[sizes[-1]][0] / by_n[sizes[0]][0]:.1f}x |" if len(sizes) > 1 else " |"
+        print(f"| {name} | {cells}{scale}")
+
+    if memory_rows:
+        print(f"\n| N | loss | peak allocated during a step (MiB) | peak of all but the [B,N] similarities, "
+              f"in [B,k]={b}x{k} fp32 tensors |")
+        print("|---|---|---|---|")
+        for n, name, peak, in_bk in memory_rows:
+            print(f"| {n:,} | {name} | {peak / 2**20:.1f} | {in_bk:.1f} |")
+        print(f"(target for LA: at most H = {h} [B,k] tensors beyond the similarities; "
+              f"[B,N] fp32 = {b * sizes[-1] * 4 / 2**20:.0f} MiB at N={sizes[-1]:,}, "
+              f"[B,k] fp32 = {b * k * 4 / 2**20:.0f} MiB)")
+
+    if not args.skip_kmeans:
+        x = F.normalize(torch.randn(args.kmeans_n, d), dim=1)
+        start = time.perf_counter()
+        _, objectives = run_kmeans(x, args.kmeans_k, num_clusterings=1, seed=0, verbose=False,
+                                   return_objectives=True)
+        seconds = time.perf_counter() - start
+        print(f"\nfaiss k-means: N={args.kmeans_n:,} d={d} K={args.kmeans_k:,}, 20 iterations, all rows "
+              f"used: {seconds:.1f} s per clustering (x{h} clusterings = {h * seconds:.0f} s per "
+              f"re-clustering), final objective {objectives[0]:.4g}")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
