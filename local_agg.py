@@ -56,6 +56,8 @@ import torch.nn.functional as F
 
 import faiss
 
+from instance_disc import ann_loss, ball_loss, ir_loss, make_synthetic_bank
+
 
 # ---------------------------------------------------------------------------
 # Appendix D: H k-means clusterings of the memory bank, with faiss.
@@ -346,3 +348,118 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
             per_image = torch.where(has_close, per_image, per_image.new_tensor(-math.log(1e-7)))
 
     return per_image.mean() if reduction == "mean" else per_image
+
+
+# ---------------------------------------------------------------------------
+# Demo: k-means on a synthetic clustered bank, C_i, and the losses side by side.
+# ---------------------------------------------------------------------------
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Local Aggregation (Sec. 5.3, Eq. 8, Appendix D) on a synthetic clustered memory bank: "
+        "H k-means clusterings give the close sets C_i; IR (Eq. 6), BALL (Def. 5.2), ANN (Def. 5.3) and LA "
+        "(Eq. 8) side by side, with the checks of Theorem 5.4 and Corollary 5.4.1.")
+    parser.add_argument("--num-items", type=int, default=8000, help="N, images = memory bank entries")
+    parser.add_argument("--dim", type=int, default=32, help="d, embedding size (Appendix D: 128)")
+    parser.add_argument("--num-classes", type=int, default=40,
+                        help="hidden classes the synthetic bank is drawn around (ImageNet: 1000)")
+    parser.add_argument("--spread", type=float, default=1.0, help="spread of each class around its centre")
+    parser.add_argument("--num-clusters", type=int, default=160,
+                        help="k-means clusters per clustering (Appendix D: 30,000 for 1.28M images, "
+                             "more clusters than classes)")
+    parser.add_argument("--num-clusterings", type=int, default=10, help="H, k-means runs with seeds seed+h "
+                        "(Appendix D: 10)")
+    parser.add_argument("--k-background", type=int, default=1024,
+                        help="|B_i|, background neighbours (Appendix D: 4096 of 1.28M)")
+    parser.add_argument("--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)")
+    parser.add_argument("--tau", type=float, default=0.07, help="temperature of Eq. 6 (Appendix D: 0.07)")
+    parser.add_argument("--view-noise", type=float, default=0.5,
+                        help="how far today's view z lies from the stored entry M[i]")
+    parser.add_argument("--neighbours-of", choices=["z", "bank"], default="z",
+                        help='anchor of B_i: "z", the current embedding (LA code), or "bank", M[i] (paper)')
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the first clustering")
+    args = parser.parse_args(argv)
+    if args.num_items < 2 or args.dim < 1 or args.num_classes < 1:
+        parser.error("need --num-items >= 2, --dim >= 1, --num-classes >= 1")
+    if not 1 <= args.num_clusters <= args.num_items:
+        parser.error(f"--num-clusters must lie in [1, --num-items] = [1, {args.num_items}]")
+    if not 1 <= args.k_background <= args.num_items:
+        parser.error(f"--k-background must lie in [1, --num-items] = [1, {args.num_items}]")
+    if not 1 <= args.batch_size <= args.num_items:
+        parser.error(f"--batch-size must lie in [1, --num-items] = [1, {args.num_items}]")
+    if args.num_clusterings < 1 or args.tau <= 0:
+        parser.error("need --num-clusterings >= 1 and --tau > 0")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    bank, classes = make_synthetic_bank(args.num_items, args.dim, args.num_classes, args.spread, generator)
+    idx = torch.randperm(args.num_items, generator=generator)[: args.batch_size]
+    noise = args.view_noise * torch.randn(args.batch_size, args.dim, generator=generator) / math.sqrt(args.dim)
+    z = F.normalize(bank[idx] + noise, dim=1)          # today's view of image i, near M[i]
+    n, k, b = args.num_items, args.k_background, args.batch_size
+    print(f"synthetic bank: N={n} unit vectors in d={args.dim} around {args.num_classes} hidden classes; "
+          f"B={b}, tau={args.tau}, |B_i|={k} around {args.neighbours_of!r}\n")
+
+    # -- Appendix D: H clusterings with different seeds.
+    labels, objectives = run_kmeans(bank, args.num_clusters, args.num_clusterings, seed=args.seed,
+                                    return_objectives=True)
+
+    # -- C_i for the batch (a dense [B, N] mask is fine in a demo, not in the loss).
+    same = torch.zeros(b, n, dtype=torch.bool)
+    for h, labels_h in enumerate(labels):
+        same |= labels_h[idx].unsqueeze(1) == labels_h.unsqueeze(0)
+        if h == 0:
+            first = same.clone()
+    background = (z @ bank.T).topk(k, dim=1).indices if args.neighbours_of == "z" else \
+        (bank[idx] @ bank.T).topk(k, dim=1).indices
+    in_both = same.gather(1, background)
+    purity = ((classes.unsqueeze(0) == classes[idx].unsqueeze(1)) & same).sum(1) / same.sum(1)
+    print(f"\nclose sets C_i over the batch (mean [min, max]):")
+    for name, values in (("|C_i|, 1 clustering", first.sum(1)), (f"|C_i|, union of H={len(labels)}", same.sum(1)),
+                         ("|C_i ∩ B_i|", in_both.sum(1)),
+                         ("share of C_i in i's hidden class", purity)):
+        values = values.float()
+        print(f"  {name:34s} {values.mean():8.2f}  [{values.min():.2f}, {values.max():.2f}]")
+
+    # -- The losses side by side (all minimised; L = -loss is the paper's objective).
+    singletons = torch.arange(n).unsqueeze(0)
+    close_set = torch.full((b, int(same.sum(1).max())), -1, dtype=torch.long)   # C_i padded with -1
+    for row in range(b):
+        members = torch.nonzero(same[row]).flatten()
+        close_set[row, : len(members)] = members
+    anchor = args.neighbours_of
+    rows = [
+        ("IR (Eq. 6)", "{i}", "all N entries", ir_loss(z, bank, idx, args.tau)),
+        ("BALL (Def. 5.2)", "{i}", "B_i", ball_loss(z, bank, idx, args.tau, k, neighbours_of=anchor)),
+        ("ANN (Def. 5.3)", "{i}", "B_i \\ C_i, plus i",
+         ann_loss(z, bank, idx, args.tau, k, close_set=close_set, neighbours_of=anchor)),
+        ("LA-SIMPLE (Thm. 5.4)", "C_i ∩ B_i, C_i = {i}", "B_i",
+         la_loss(z, bank, idx, singletons, args.tau, k, neighbours_of=anchor)),
+        ("LA (Eq. 8), H = 1", "C_i ∩ B_i, 1 clustering", "B_i",
+         la_loss(z, bank, idx, labels[:1], args.tau, k, neighbours_of=anchor)),
+        (f"LA (Eq. 8), H = {len(labels)}", f"C_i ∩ B_i, {len(labels)} clusterings", "B_i",
+         la_loss(z, bank, idx, labels, args.tau, k, neighbours_of=anchor)),
+    ]
+    print("\n| loss (minimised; -L) | numerator set | denominator set | value |\n|---|---|---|---|")
+    for name, numerator, denominator, value in rows:
+        print(f"| {name} | {numerator} | {denominator} | {float(value):.4f} |")
+    print("(B_i includes i itself wherever it is not among the nearest; ANN uses the k-means C_i.)")
+
+    # -- Theorem 5.4 and Corollary 5.4.1, computed.
+    ball = ball_loss(z.double(), bank.double(), idx, args.tau, k, neighbours_of=anchor)
+    simple = la_loss(z.double(), bank.double(), idx, singletons, args.tau, k, neighbours_of=anchor)
+    print(f"\nTheorem 5.4: LA with C_i = {{i}} minus BALL (float64) = {float(simple - ball):.2e}")
+    per_la = -la_loss(z, bank, idx, labels, args.tau, k, neighbours_of=anchor, reduction="none").double()
+    per_simple = -la_loss(z, bank, idx, singletons, args.tau, k, neighbours_of=anchor,
+                          reduction="none").double()
+    size = in_both.sum(1).double() + (~(background == idx.unsqueeze(1)).any(1)).double()
+    print(f"Corollary 5.4.1, per image (L = objective):\n"
+          f"  L^LA >= L^LA-SIMPLE (holds always, since i is in C_i ∩ B_i):  "
+          f"{int((per_la >= per_simple - 1e-6).sum())}/{b} images\n"
+          f"  L^LA <= L^LA-SIMPLE (the proof's literal claim):               "
+          f"{int((per_la <= per_simple + 1e-6).sum())}/{b} images (only where C_i ∩ B_i = {{i}})\n"
+          f"  L^LA - log|C_i ∩ B_i| <= L^LA-SIMPLE (the proof's mean form):  "
+          f"{int((per_la - size.log() <= per_simple + 1e-6).sum())}/{b} images "
+          f"(holds iff p(i|x) >= the mean p(k|x) over C_i ∩ B_i)")
+
+
+if __name__ == "__main__":
+    main()

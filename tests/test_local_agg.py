@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from instance_disc import ball_loss
 from local_agg import la_loss, run_kmeans
 
 TAU = 0.07
@@ -208,6 +209,30 @@ def test_theorem_5_4_singleton_close_sets_give_ball(data):
     # H copies of the identity clustering are still C_i = {i}.
     assert torch.equal(la_loss(z, bank, idx, singletons, k_background=50),
                        la_loss(z, bank, idx, singletons.repeat(4, 1), k_background=50))
+
+
+def test_theorem_5_4_against_instance_disc_ball_loss(data):
+    """The same theorem against the project's BALL implementation, for both
+    anchors of B_i, both conventions for i, and a view that lands far from its
+    own entry (i outside z's nearest: BALL and LA both add it once)."""
+    bank, _, _, z, idx = data
+    singletons = torch.arange(bank.shape[0]).unsqueeze(0)
+    far = z.clone()
+    far[0] = -bank[idx[0]]
+    for views, conventions in ((z, (True, False)), (far, (True,))):
+        for neighbours_of in ("z", "bank"):
+            for include_positive in conventions:
+                for k in (7, 120):
+                    la = la_loss(views.double(), bank.double(), idx, singletons, TAU, k,
+                                 neighbours_of=neighbours_of, include_positive=include_positive)
+                    ball = ball_loss(views.double(), bank.double(), idx, TAU, k, neighbours_of=neighbours_of,
+                                     include_positive=include_positive)
+                    assert abs(float(la - ball)) < 1e-10, (neighbours_of, include_positive, k)
+                    la32 = la_loss(views, bank, idx, singletons, TAU, k, neighbours_of=neighbours_of,
+                                   include_positive=include_positive)
+                    ball32 = ball_loss(views, bank, idx, TAU, k, neighbours_of=neighbours_of,
+                                       include_positive=include_positive)
+                    assert abs(float(la32 - ball32)) < 1e-4
 
 
 def test_close_set_is_the_union_over_clusterings(data):
