@@ -185,6 +185,17 @@ def test_ann_with_an_explicit_close_set():
     assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
 
+def test_ann_with_everything_close_keeps_only_the_positive():
+    # C_i covering all of B_i: the denominator is the positive alone, loss 0, zero (not NaN) gradient.
+    z, bank, idx = problem(seed=9, noise=1.0)
+    top = torch.topk(z @ bank.T, 10, dim=1).indices
+    z = z.clone().requires_grad_()
+    loss = ann_loss(z, bank, idx, 0.1, 10, close_set=top)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(z.grad).all() and float(z.grad.abs().max()) < 1e-6
+
+
 def test_special_cases_tie_the_losses_together():
     z, bank, idx = problem(n=120, seed=10, noise=1.0)
     tau = 0.2
