@@ -1,0 +1,432 @@
+"""Tests for imagenet_train.py (Section 5.3 / Figure 2 / Appendix D trainer), all on the CPU.
+
+Every run trains ResNet-18 at 32x32 on a generated ImageFolder of a few dozen images, so that
+the whole file stays well inside its 3-minute share on a 2-core machine.  Training runs go
+through imagenet_train.main(argv) in-process where possible (no interpreter start-up); the
+things only a real process can show (--help, SIGTERM, torchrun with two ranks) use subprocesses.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision import transforms
+
+import imagenet_train as it
+from local_agg import run_kmeans
+from memory_bank import MemoryBank
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 12, 4
+N_TRAIN = N_CLASSES * TRAIN_PER_CLASS  # 48 bank rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """ResNet-18 on 32x32 images is faster on one thread than on two busy ones; restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return it.make_toy_imagefolder(str(tmp_path_factory.mktemp("toy")), N_CLASSES, TRAIN_PER_CLASS,
+                                   VAL_PER_CLASS, size=32, seed=0)
+
+
+def argv(data, out, algo="ir", epochs=1, batch=16, *extra):
+    return ["--data", str(data), "--out-dir", str(out), "--algo", algo, "--device", "cpu", "--image-size", "32",
+            "--batch-size", str(batch), "--epochs", str(epochs), "--knn-k", "5", "--workers", "0",
+            "--log-every", "1000", "--k-background", "16", "--kmeans-k", "4", "--n-kmeans", "2", *extra]
+
+
+def rows(out, kind):
+    return [r for r in it.read_log(os.path.join(out, "log.jsonl")) if r.get("kind") == kind]
+
+
+def load_ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"))
+
+
+def subprocess_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+# -----------------------------------------------------------------------------
+# End-to-end: one epoch of each algorithm.
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["ir", "ball", "ann", "la"])
+def test_one_epoch_of_each_algorithm(data, tmp_path, algo):
+    out = tmp_path / algo
+    extra = ["--la-warmup-epochs", "0"] if algo == "la" else []
+    extra += ["--eval-linear", "--linear-epochs", "5"] if algo == "ir" else []
+    it.main(argv(data, out, algo, 1, 16, *extra))
+    (epoch,) = rows(out, "epoch")
+    assert epoch["epoch"] == 1 and epoch["algo"] == algo and epoch["step"] == N_TRAIN // 16
+    assert math.isfinite(epoch["train_loss"]) and 0.0 <= epoch["knn_top1"] <= 1.0 and epoch["images_per_s"] > 0
+    ckpt = load_ckpt(out)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 0, N_TRAIN // 16)
+    bank = ckpt["bank"]["vectors"]
+    # Every one of the 48 rows received its Eq. 7 update (a row never updated keeps its random start),
+    # and rows stay unit vectors.
+    initial = MemoryBank(N_TRAIN, 128, seed=0).vectors
+    assert bool((bank != initial).any(dim=1).all())
+    assert torch.allclose(bank.norm(dim=1), torch.ones(N_TRAIN), atol=1e-5)
+    if algo == "la":
+        labels = ckpt["cluster_labels"]
+        assert labels.shape == (2, N_TRAIN) and int(labels.min()) >= 0 and int(labels.max()) < 4
+        # Epoch 1's labels are the k-means of the bank as it stood at the epoch start (random rows).
+        assert torch.equal(labels, run_kmeans(initial, 4, 2, seed=0, verbose=False))
+    if algo == "ir":
+        (lin,) = rows(out, "linear")
+        # 4 classes: "top-5" = top-4 = every class, so it must be 1; top-1 is a real fraction of 16.
+        assert lin["linear_top5"] == 1.0 and 0.0 <= lin["linear_top1"] <= 1.0
+        assert abs(lin["linear_top1"] * 16 - round(lin["linear_top1"] * 16)) < 1e-9
+
+
+def test_model_output_is_unit_norm_fp32_even_under_autocast():
+    model = it.ResNetEmbedding(128).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        z = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z16 = model(x)
+        raw = model.net(x)  # the bare torchvision ResNet: not unit norm -- the pitfall the head guards against
+    assert z.shape == (3, 128) and z.dtype == torch.float32 and z16.dtype == torch.float32
+    assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(z16.norm(dim=1), torch.ones(3), atol=1e-6)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(3), atol=1e-2)
+    assert model.features(x).shape == (3, 512)
+
+
+# -----------------------------------------------------------------------------
+# Views (Figure 2b lesions).
+# -----------------------------------------------------------------------------
+AUG_TYPES = {"crop": transforms.RandomResizedCrop, "gray": transforms.RandomGrayscale,
+             "jitter": transforms.ColorJitter, "flip": transforms.RandomHorizontalFlip}
+
+
+@pytest.mark.parametrize("lesion", [None, "crop", "gray", "jitter", "flip", "aug"])
+def test_lesion_flags_remove_exactly_their_augmentation(data, tmp_path, lesion):
+    flags = [] if lesion is None else [f"--no-{lesion}"]
+    args = it.build_parser().parse_args(argv(data, tmp_path / "x", "ir", 1, 16, *flags, "--no-image-check"))
+    train_set, _, _ = it.load_datasets(args)
+    present = {name for name, cls in AUG_TYPES.items() if any(isinstance(t, cls) for t in train_set.transform.transforms)}
+    expected = set(AUG_TYPES) if lesion is None else (set() if lesion == "aug" else set(AUG_TYPES) - {lesion})
+    assert present == expected
+    torch.manual_seed(0)
+    a, b = train_set[0][0], train_set[0][0]
+    assert a.shape == (3, 32, 32)
+    assert torch.equal(a, b) == (lesion == "aug")  # no augmentation = one single view per image
+
+
+def test_test_view_is_resize_then_center_crop():
+    tf = it.test_transform(224)
+    assert [type(t) for t in tf.transforms[:2]] == [transforms.Resize, transforms.CenterCrop]
+    assert tf.transforms[0].size == 256 and tf.transforms[1].size == (224, 224)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation pieces.
+# -----------------------------------------------------------------------------
+def test_knn_votes_are_weighted_by_exp_similarity_over_tau():
+    # One neighbour of class 0 at cos 0.99, two of class 1 at cos 0.30: a plain majority says 1,
+    # the exp(cos / 0.07) weights (e^14.1 vs 2 e^4.3) say 0.  With tau = 10 the weights are nearly
+    # equal and the majority wins.
+    bank = torch.tensor([[0.99, math.sqrt(1 - 0.99 ** 2), 0.0], [0.30, 0.0, math.sqrt(1 - 0.09)],
+                         [0.30, 0.0, -math.sqrt(1 - 0.09)], [-1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    z = torch.tensor([[1.0, 0.0, 0.0]])
+    assert it.knn_predict(z, bank, labels, 2, k=3, tau=0.07).item() == 0
+    assert it.knn_predict(z, bank, labels, 2, k=3, tau=10.0).item() == 1
+
+
+def test_linear_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=g) * 3
+    ytr, yva = torch.arange(5).repeat(40), torch.arange(5).repeat(10)
+    xtr = centers[ytr] + torch.randn(200, 16, generator=g)
+    xva = centers[yva] + torch.randn(50, 16, generator=g)
+    top1, top5 = it.linear_probe(xtr, ytr, xva, yva, 5, epochs=20, lr=0.1)
+    assert top1 >= 0.95 and top5 == 1.0
+    # and it is not trivially 1: shuffled training labels give chance-level top-1
+    top1_shuffled, _ = it.linear_probe(xtr, ytr[torch.randperm(200, generator=g)], xva, yva, 5, epochs=20, lr=0.1)
+    assert top1_shuffled < 0.6
+
+
+@pytest.mark.parametrize("n,world,batch", [(45, 2, 4), (48, 2, 4), (7, 3, 2), (50, 3, 5), (11, 4, 1)])
+def test_padded_mask_leaves_every_index_updated_exactly_once(n, world, batch):
+    """DistributedSampler repeats up to world-1 indices; the mask must drop exactly those repeats."""
+    kept, dropped = [], 0
+    for rank in range(world):
+        sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(5)
+        local = list(sampler)
+        for start in range(0, len(local), batch):
+            chunk = torch.tensor(local[start:start + batch])
+            mask = it.padded_mask(start, len(chunk), rank, world, n)
+            kept += chunk[~mask].tolist()
+            dropped += int(mask.sum())
+    assert sorted(kept) == list(range(n))
+    assert dropped == math.ceil(n / world) * world - n
+
+
+# -----------------------------------------------------------------------------
+# LA: clustering each epoch, warm-up, --init-from; resume is exact.
+# -----------------------------------------------------------------------------
+def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(data, tmp_path):
+    """LA with 1 warm-up epoch of IR.  Run A: 3 epochs straight.  Run B: 1 epoch, resume to 2, resume
+    to 3.  B must hold exactly A's bank, model and cluster labels; epoch 2's labels must be the k-means
+    of the bank that epoch 1 left (seed + 1000 * epoch)."""
+    la = ["--la-warmup-epochs", "1"]
+    it.main(argv(data, tmp_path / "A", "la", 3, 16, *la))
+    b = tmp_path / "B"
+    it.main(argv(data, b, "la", 1, 16, *la))
+    after_1 = load_ckpt(b)
+    assert (after_1["epoch"], after_1["step"], after_1["cluster_labels"]) == (1, 3, None)  # warm-up: IR, no k-means
+    it.main(argv(data, b, "la", 2, 16, *la, "--resume"))
+    after_2 = load_ckpt(b)
+    assert after_2["epoch"] == 2 and after_2["step"] == 6
+    assert torch.equal(after_2["cluster_labels"], run_kmeans(after_1["bank"]["vectors"], 4, 2, seed=1000, verbose=False))
+    it.main(argv(data, b, "la", 3, 16, *la, "--resume"))
+    final_a, final_b = load_ckpt(tmp_path / "A"), load_ckpt(b)
+    assert final_b["epoch"] == 3 and final_b["step"] == 9
+    assert torch.equal(final_a["bank"]["vectors"], final_b["bank"]["vectors"])
+    assert torch.equal(final_a["cluster_labels"], final_b["cluster_labels"])
+    assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
+    assert [r["epoch"] for r in rows(b, "epoch")] == [1, 2, 3]
+    assert [r["algo"] for r in rows(b, "epoch")] == ["ir", "la", "la"]
+    assert [r["train_loss"] for r in rows(b, "epoch")] == pytest.approx([r["train_loss"] for r in rows(tmp_path / "A", "epoch")])
+
+
+def test_la_init_from_ir_checkpoint_clusters_the_ir_bank(data, tmp_path):
+    it.main(argv(data, tmp_path / "ir", "ir", 1, 16))
+    ir = load_ckpt(tmp_path / "ir")
+    it.main(argv(data, tmp_path / "la", "la", 1, 16, "--init-from", str(tmp_path / "ir" / "ckpt.pt")))
+    la = load_ckpt(tmp_path / "la")
+    assert rows(tmp_path / "la", "config")[0]["la_warmup_epochs"] == 0
+    assert [r["algo"] for r in rows(tmp_path / "la", "epoch")] == ["la"]
+    # LA's first k-means ran on the bank IR left (App. D: LA starts from IR's model AND bank)
+    assert torch.equal(la["cluster_labels"], run_kmeans(ir["bank"]["vectors"], 4, 2, seed=0, verbose=False))
+
+
+def test_lr_drops_twice_on_plateaus_then_stops(data, tmp_path):
+    """--patience 1, --lr-factor 0.1: the kNN metric on 16 val images plateaus quickly; the LR must go
+    0.03 -> 0.003 -> 0.0003 and training must stop at the next plateau (App. D), before --epochs."""
+    out = tmp_path / "p"
+    it.main(argv(data, out, "ir", 30, 16, "--patience", "1"))
+    ep = rows(out, "epoch")
+    lrs = sorted(set(r["lr"] for r in ep), reverse=True)
+    assert lrs == pytest.approx([0.03, 0.003, 0.0003])
+    assert len(ep) < 30 and load_ckpt(out)["finished"] and load_ckpt(out)["lr_drops"] == 3
+    # each drop happens exactly `patience` epochs after the last best value
+    best, bad, lr = -1.0, 0, 0.03
+    for r in ep:
+        assert r["lr"] == pytest.approx(lr)
+        if r["knn_top1"] > best:
+            best, bad = r["knn_top1"], 0
+        else:
+            bad += 1
+            if bad > 1:
+                lr, bad = lr * 0.1, 0
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match=r"step 5 \(epoch 2, batch 2/3\)"):
+        it.main(argv(data, out, "ir", 3, 16, "--debug-nan-step", "5"))
+    ckpt = load_ckpt(out)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3) and torch.isfinite(ckpt["bank"]["vectors"]).all()
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    assert [r["epoch"] for r in rows(out, "epoch")] == [1]
+
+
+def test_sigterm_saves_mid_epoch_and_resume_replays_the_same_run(data, tmp_path):
+    """A real process gets SIGTERM during epoch 2; it must save (epoch 1, batch b) and exit 0.  Resuming
+    it must give exactly the bank and model of an uninterrupted run (same views: RNG state saved)."""
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "imagenet_train.py"] + argv(data, out, "ir", 3, 4) + ["--log-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 2 step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text
+    assert "stopped by SIGTERM" in text
+    ckpt = load_ckpt(out)
+    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 12, text  # mid-epoch 2, after >= 3 steps
+    assert ckpt["step"] == 12 + ckpt["batch_in_epoch"]
+    it.main(argv(data, out, "ir", 3, 4, "--resume"))
+    it.main(argv(data, tmp_path / "straight", "ir", 3, 4))
+    resumed, straight = load_ckpt(out), load_ckpt(tmp_path / "straight")
+    assert (resumed["epoch"], resumed["step"]) == (3, 36)
+    assert torch.equal(resumed["bank"]["vectors"], straight["bank"]["vectors"])
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+    assert [r["epoch"] for r in rows(out, "epoch")] == [1, 2, 3]
+
+
+# -----------------------------------------------------------------------------
+# Two processes under torchrun (gloo): banks identical, uneven last batch, N not divisible by W.
+# -----------------------------------------------------------------------------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_keep_identical_banks(data, tmp_path):
+    # 45 train images over 2 ranks: DistributedSampler pads to 46; per rank 23 = 5 batches of 4 + 3.
+    odd = tmp_path / "odd"
+    shutil.copytree(data, odd)
+    for c in range(3):
+        os.remove(os.path.join(odd, "train", f"class_{c:02d}", f"train_{c}_000.png"))
+    out, dump = tmp_path / "ddp", tmp_path / "banks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
+           "imagenet_train.py"] + argv(odd, out, "la", 2, 8, "--la-warmup-epochs", "1", "--debug-bank-dump", str(dump))
+    res = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    dump0, dump1 = (torch.load(os.path.join(dump, f"bank_rank{r}.pt")) for r in (0, 1))
+    bank0, bank1 = dump0["vectors"], dump1["vectors"]
+    assert bank0.shape == (45, 128) and torch.equal(bank0, bank1)
+    # The sampler's padding repeat (46th slot) is trained on but not written to the bank:
+    # every row got exactly one Eq. 7 update per epoch, counted over both ranks.
+    assert torch.equal(dump0["update_counts"], torch.full((45,), 2)) and torch.equal(dump1["update_counts"], dump0["update_counts"])
+    ckpt = load_ckpt(out)
+    assert torch.equal(ckpt["bank"]["vectors"], bank0)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 12)  # 6 steps per epoch on each rank
+    assert bool((bank0 != MemoryBank(45, 128, seed=0).vectors).any(dim=1).all())
+    assert len(ckpt["rng_states"]) == 2
+    assert [r["world_size"] for r in rows(out, "config")] == [2]
+    assert [r["algo"] for r in rows(out, "epoch")] == ["ir", "la"]
+
+
+# -----------------------------------------------------------------------------
+# Bad input: clear errors before training.
+# -----------------------------------------------------------------------------
+def _remove_class(root, split, name):
+    shutil.rmtree(os.path.join(root, split, name))
+
+
+BAD_DATA = {
+    "missing folder": (lambda root: shutil.rmtree(root), r"--data .*folder not found"),
+    "no val": (lambda root: shutil.rmtree(os.path.join(root, "val")), r"has no val/ folder"),
+    "empty train": (lambda root: [_remove_class(root, "train", c) for c in os.listdir(os.path.join(root, "train"))],
+                    r"train is empty"),
+    "class mismatch": (lambda root: _remove_class(root, "val", "class_03"),
+                       r"class folders differ: only in train \['class_03'\]"),
+    "class without images": (lambda root: [os.remove(os.path.join(root, "val", "class_02", f))
+                                           for f in os.listdir(os.path.join(root, "val", "class_02"))],
+                             r"--data: .*class_02"),
+    "unreadable image": (lambda root: open(os.path.join(root, "train", "class_01", "broken.png"), "wb").write(b"junk"),
+                         r"unreadable image .*class_01/broken\.png"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_folder_errors_before_training(data, tmp_path, case):
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    damage, message = BAD_DATA[case]
+    damage(str(root))
+    with pytest.raises(ValueError, match=message):
+        it.main(argv(root, tmp_path / "out", "ir", 1, 16))
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+BAD_FLAGS = {
+    "batch larger than dataset": (["--batch-size", "64"], r"--batch-size 64 is larger than the train set \(48"),
+    "init-from with ir": (["--init-from", "x.pt"], r"--init-from .* does not apply to --algo ir"),
+    "k-background > N": (["--algo", "ball", "--k-background", "49"], r"--k-background 49 must be <= N = 48"),
+    "kmeans-k > N": (["--algo", "la", "--kmeans-k", "100"], r"--kmeans-k 100 must be <= N = 48"),
+    "knn-k > N": (["--knn-k", "200"], r"--knn-k 200 must be <= N = 48"),
+    "alpha 1": (["--alpha", "1.0"], r"--alpha must be in \[0, 1\)"),
+    "warm-up and init-from": (["--algo", "la", "--init-from", "x.pt", "--la-warmup-epochs", "3"],
+                              r"--init-from replaces the IR warm-up"),
+    "resume without checkpoint": (["--resume"], r"--resume: no checkpoint"),
+    "fp16 on cpu": (["--precision", "fp16"], r"--precision fp16 is for CUDA"),
+    "last batch of one at 32px": (["--batch-size", "47"], r"last batch would hold one image"),
+    "k-close >= k-background": (["--algo", "ann", "--k-close", "16"], r"--k-close must be in \[0, --k-background=16\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_error_before_training(data, tmp_path, case):
+    extra, message = BAD_FLAGS[case]
+    with pytest.raises(ValueError, match=message):
+        it.main(argv(data, tmp_path / "out", "ir", 1, 16) + extra)  # later flags override the defaults
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_existing_checkpoint_needs_resume_and_init_from_needs_an_ir_checkpoint(data, tmp_path):
+    it.main(argv(data, tmp_path / "ball", "ball", 1, 16))
+    with pytest.raises(ValueError, match=r"already holds ckpt.pt: pass --resume"):
+        it.main(argv(data, tmp_path / "ball", "ball", 1, 16))
+    with pytest.raises(ValueError, match=r"need an IR checkpoint .* got --algo ball"):
+        it.main(argv(data, tmp_path / "la", "la", 1, 16, "--init-from", str(tmp_path / "ball" / "ckpt.pt")))
+    with pytest.raises(ValueError, match=r"--data is required"):
+        it.main(["--algo", "ir"])
+
+
+# -----------------------------------------------------------------------------
+# --help, --plot, --benchmark.
+# -----------------------------------------------------------------------------
+def test_help_lists_the_paper_flags():
+    res = subprocess.run([sys.executable, "imagenet_train.py", "--help"], cwd=REPO, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--algo", "--tau", "--alpha", "--k-background", "--kmeans-k", "--n-kmeans", "--init-from",
+                 "--la-warmup-epochs", "--no-crop", "--no-gray", "--no-jitter", "--no-flip", "--no-aug",
+                 "--eval-linear", "--resume", "--plot", "--benchmark", "App. D", "Eq. 7"):
+        assert flag in res.stdout, flag
+
+
+def test_plot_groups_runs_into_figure_2_panels(tmp_path):
+    def log(name, algo, alpha=0.5, lesion=None, knn=0.3, linear=None):
+        cfg = dict(kind="config", algo=algo, alpha=alpha, no_aug=lesion == "aug")
+        for k in ("crop", "gray", "jitter", "flip"):
+            cfg[f"no_{k}"] = lesion == k
+        lines = [cfg, dict(kind="epoch", epoch=1, knn_top1=knn / 2), dict(kind="epoch", epoch=2, knn_top1=knn)]
+        if linear is not None:
+            lines.append(dict(kind="linear", linear_top1=linear, linear_top5=min(1.0, 2 * linear)))
+        path = tmp_path / name / "log.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return str(path)
+    paths = [log("ir", "ir", knn=0.30, linear=0.40), log("la", "la", knn=0.50, linear=0.55),
+             log("ir_nocrop", "ir", lesion="crop", knn=0.10), log("ir_a0", "ir", alpha=0.0, knn=0.31),
+             log("ir_none", "ir", lesion="aug", knn=0.02)]
+    out = tmp_path / "fig.png"
+    panels = it.main(["--plot", *paths, "--plot-out", str(out)])
+    assert out.stat().st_size > 10_000
+    a, b, c = (panels[t] for t in sorted(panels))
+    assert [x[0] for x in a] == ["ir", "ir a=0.0", "la"]  # all views; alpha shown when not App. D's 0.5
+    assert [x[0] for x in b] == ["all", "all", "no crop", "none"]
+    assert [x[0] for x in c] == ["0", "0.5"]
+    assert a[2][1:] == (0.50, 0.55)  # best knn_top1, linear_top1 of LA
+    assert math.isnan(c[0][2])  # no linear probe in that run: nan, never the kNN number
+    with pytest.raises(ValueError, match="no config row"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(dict(kind="epoch", epoch=1, knn_top1=0.1)) + "\n")
+        it.plot_logs([str(bad)], str(out))
+
+
+def test_benchmark_path_runs_both_algorithms_on_cpu():
+    res = it.main(["--benchmark", "--device", "cpu", "--image-size", "32", "--batch-size", "4", "--bench-steps", "2",
+                   "--bench-bank", "300", "--kmeans-k", "5", "--k-background", "16"])
+    assert [r["algo"] for r in res] == ["ir", "la"]
+    assert all(r["images_per_s"] > 0 and r["bank_rows"] == 300 for r in res)
+    assert res[0]["kmeans_s"] is None and res[1]["kmeans_s"] >= 0 and res[1]["kmeans_clusters"] == 5
