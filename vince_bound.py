@@ -19,14 +19,15 @@ Write  l = f(x, y_1) - log (1/K) sum_{i=1..K} exp f(x, y_i)   (the InfoNCE term)
 (i)   InfoNCE <= I(X;Y)                       (Theorem A.3; infonce.py).
 (ii)  VINCE   <= I(X;Y) for every proposal    (Theorem 3.1) ... but see (iii).
 (iii) The range of VINCE.  l <= log K for any scores (the positive is one of the
-      K terms of the mean), W >= 0, and E_q[W] = P_p(negatives inside supp q) <= 1.
-      Hence  E[W l] <= log K * E[W] <= log K  and
-            VINCE = E[W l] - K + 1  <=  log K - K + 1        (Appendix B's form)
+      K terms of the mean), W >= 0, and with correct weights E_q[W] =
+      P_p(negatives inside supp q) <= 1.  Hence  E[W l] <= log K * E[W] <= log K:
+            E[VINCE] = E[W l] - K + 1  <=  log K - K + 1        (Appendix B's form)
       and, for Eq. 3 exactly as printed (sum without the 1/K, so l - log K <= 0),
-            VINCE <= 1 - K.
-      For K = 1 VINCE is identically 0; for every K >= 2 it is negative
-      (K = 16: <= -12.23, K = 128: <= -122.15), so "I >= VINCE" already follows
-      from I >= 0 and VINCE can never report a positive number of nats.
+            VINCE <= 1 - K   (row by row).
+      The cap is sharp (a critic that separates the positive perfectly reaches it).
+      For K = 1 VINCE is identically 0; for every K >= 2 its expectation is
+      negative (K = 16: <= -12.23, K = 128: <= -122.15), so "I >= VINCE" already
+      follows from I >= 0, and VINCE can never report a positive number of nats.
       Where the -K + 1 comes from: Appendix B bounds
           L = E_{p(x) p(y_1..K)}[exp f(x, y_1) / a(x, y_1..K)]  by  K,
       but L is an expectation under p alone (the change of measure to q is an
@@ -35,17 +36,26 @@ Write  l = f(x, y_1) - log (1/K) sum_{i=1..K} exp f(x, y_i)   (the InfoNCE term)
           E_{p(x, y_1) q(y_2..K | y_1)}[W l] = I^NCE(K)  whenever supp q covers supp p,
       i.e. E[VINCE] = InfoNCE(K) - (K - 1) for EVERY such proposal: the proposal
       changes only the variance of the estimate (through W), never its mean.
-      As an estimate, then, VINCE tells you InfoNCE(K) minus a constant, with
-      more variance; as an objective, the constant has no gradient and the
-      weighted term has the same expectation and gradient in the critic as
-      InfoNCE with p-negatives.  Hard or easy negatives only change what is
-      optimized once the weights are dropped (Eq. 4) -- and then (iv) applies.
-(iv)  Eq. 4 (weights and constants dropped) is NOT a lower bound in general:
-      with easy negatives it can exceed I(X;Y); with hard negatives it stays
-      below.  The MLM reading of Sec. 5.1 (softmax over the whole vocabulary,
-      i.e. uniform negatives) at its optimum equals I + KL(p(y) || uniform) >= I.
+      As an estimate, then, VINCE is InfoNCE(K) minus a constant, with more
+      variance (W degenerates as K grows: the sample mean of W falls far below 1);
+      as an objective, the constant has no gradient and W does not depend on the
+      critic, so the weighted term has the same expectation and gradient in the
+      critic as InfoNCE with p-negatives.  Hard or easy negatives change what is
+      optimized only once the weights are dropped (Eq. 4) -- and then (iv) applies.
+(iv)  Eq. 4 (weights and constants dropped) is NOT a lower bound in general.
+      Gaussians, I = 2 nats, K = 128: easy negatives (Example 1) push it well
+      above I, hard ones (Example 2, a high band) keep it below; when I > log K
+      everything stays below (Eq. 4 <= log K for any scores).  Vocabulary:
+      uniform or tempered negatives raise it above InfoNCE; the MLM reading of
+      Sec. 5.1 (every token of the vocabulary once, no weights) is >= I at the
+      optimal critic and equals I + KL(p(y) || uniform) at its own optimum.
 (v)   With q = p every weight is 1 and VINCE = InfoNCE - (K - 1) row by row
       (Eq. 3 as printed: InfoNCE - log K - (K - 1)).
+
+Also checked: Corollary 3.1.2 multiplies W >= c by l, valid only where l >= 0
+(a poor critic violates it; with Eq. 3 as printed it is reversed).  Example 4
+read literally (q~ = p/t, renormalized) is p itself; tempering means p^(1/t).
+Lemma C.1 (VINCE+) is wrong as printed; see the block above vince_plus_objective.
 
 Normalizing the rejection-sampling proposal (Corollary 3.1.1)
 -------------------------------------------------------------
@@ -71,7 +81,7 @@ import time
 
 import torch
 
-from infonce import gaussian_mi, infonce_bound, rho_from_mi, sample_correlated_gaussians
+from infonce import infonce_bound, rho_from_mi, sample_correlated_gaussians
 
 
 # ---------------------------------------------------------------------------
@@ -275,6 +285,28 @@ def rejection_sample(y1, n_neg, acceptance, generator=None, max_proposals=1_000_
     return out, r_out
 
 
+def rejection_log_weights(r, z, normalized=True):
+    """log W = sum_{i>=2} log p(y_i)/q(y_i | y_1) for the rejection-sampling proposal (Cor. 3.1.1).
+
+    r: [B, K-1] acceptance probabilities at the drawn negatives;  z: [B] the normalizer
+    Z_r(y_1) (e.g. from estimate_acceptance_rate).  Returns [B]:
+        normalized=True:  (K-1) log Z_r(y_1) - sum_i log r(y_i | y_1)   (q = r p / Z_r, a density)
+        normalized=False: -sum_i log r(y_i | y_1)                        (the paper's q = r p)
+    """
+    if not torch.is_tensor(r) or r.dim() != 2:
+        raise ValueError(f"r must be a [B, K-1] tensor of acceptance probabilities, got {getattr(r, 'shape', r)}")
+    if (r <= 0).any() or (r > 1).any():
+        raise ValueError("r must lie in (0, 1] at every drawn negative (a drawn negative was accepted)")
+    log_w = -r.log().sum(1)
+    if not normalized:
+        return log_w
+    _check_row_vector(z, "z", r.shape[0])
+    if (z <= 0).any() or (z > 1).any():
+        raise ValueError(f"z (the normalizer Z_r = E_p[r]) must lie in (0, 1], got range "
+                         f"[{z.min().item()}, {z.max().item()}]; raise the Monte Carlo sample size")
+    return r.shape[1] * z.log() + log_w
+
+
 def estimate_acceptance_rate(y1, acceptance, n_samples, generator=None, chunk=8192):
     """Monte Carlo estimate of the normalizer Z_r(y_1) = E_{p(y)}[r(y | y_1)], with its standard error.
 
@@ -314,7 +346,7 @@ def gaussian_tempered_proposal(n, n_neg, dim, t, generator=None, dtype=torch.flo
     y = math.sqrt(t) * torch.randn(n, n_neg, dim, generator=generator, dtype=dtype)
     log_ratio = 0.5 * dim * math.log(t) - 0.5 * (y * y).sum(2) * (1.0 - 1.0 / t)
     log_c_i = 0.5 * dim * math.log(t) if t <= 1.0 else -math.inf
-    return y, log_ratio.sum(1), n_neg * log_c_i
+    return y, log_ratio.sum(1), (n_neg * log_c_i if n_neg else 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -582,8 +614,6 @@ def gaussian_blocks(mi, ks, args, generator):
     for name, kind, spec in proposals:
         if kind == "reject":
             z, z_se = estimate_acceptance_rate(y1, spec, args.z_samples, generator)
-            if (z <= 0).any():
-                raise ValueError(f"{name}: Z_r estimated as 0 for some anchor; raise --z-samples")
         for k in ks:
             row = {"name": name}
             if kind == "p":
@@ -591,8 +621,8 @@ def gaussian_blocks(mi, ks, args, generator):
                 log_w = torch.zeros(n, dtype=torch.float64)
             elif kind == "reject":
                 neg, r = rejection_sample(y1, k - 1, spec, generator)
-                log_w = (k - 1) * z.log() - r.log().sum(1)          # normalized q = r p / Z:  p/q = Z / r
-                paper_w = -r.log().sum(1)                            # the paper's q = r p:     p/q = 1 / r
+                log_w = rejection_log_weights(r, z)                         # q = r p / Z:  p/q = Z / r
+                paper_w = rejection_log_weights(r, z, normalized=False)    # paper's q = r p:  p/q = 1 / r
                 row.update(z=z.mean().item(), z_se=z_se.mean().item(),
                            dlogw=((k - 1) * z_se / z).mean().item())  # error that se(Z) puts on log W
             else:
@@ -647,6 +677,9 @@ def main(argv=None):
     print(f"dim = {args.dim}, B = {args.anchors} anchors; s = (1 + cos(y_1, y))/2; Z_r = E_p[r(y|y_1)] from "
           f"{args.z_samples} draws; VINCE = mean of W l - K + 1 with W = prod p/q (normalized q)")
     print("cap = log K - K + 1 is the largest value E[VINCE] can take for this K (derivation (iii)).")
+    print("Z_r +- se: Monte Carlo normalizer; dlogW = (K-1) se/Z, the error it puts on log W; mean W should be 1;")
+    print("paper W=1/r: VINCE with the paper's unnormalized weights; (3.1.2): Corollary 3.1.2's bound; "
+          "Eq.4 vs MI: +-4 se verdict.")
     for mi in args.mi:
         blocks = gaussian_blocks(mi, args.k, args, generator)
         for k in args.k:
