@@ -87,7 +87,7 @@ def faiss_gpu_resources(device=0):
     return _FAISS_GPU_RESOURCES[device]
 
 
-def _faiss_has_gpu():
+def faiss_has_gpu():
     # faiss-cpu builds have neither GPU classes nor GPUs; get_num_gpus() is 0.
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -141,7 +141,7 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
 
     # faiss wants a C-contiguous float32 numpy array on the CPU (one N x d copy).
     x = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
-    use_gpu = _faiss_has_gpu()
+    use_gpu = faiss_has_gpu()
     gpu_device = bank.device.index if (bank.is_cuda and bank.device.index is not None) else 0
 
     labels = torch.empty(num_clusterings, n, dtype=torch.long)
