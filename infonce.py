@@ -125,10 +125,12 @@ def _check_scores(scores, name="scores"):
         raise ValueError(f"{name} must have at least one row, got B={scores.shape[0]}")
 
 
-def _check_vector(values, name, length):
-    if not torch.is_tensor(values) or values.dim() != 1 or values.shape[0] != length:
+def _check_vector(values, name, length=None):
+    # length=None: any length (the first vector of a pair sets B for the second).
+    if not torch.is_tensor(values) or values.dim() != 1 or (length is not None and values.shape[0] != length):
         shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
-        raise ValueError(f"{name} must be a 1-D tensor of length B={length}, got {shape}")
+        wanted = "[B]" if length is None else f"of length B={length}"
+        raise ValueError(f"{name} must be a 1-D tensor {wanted}, got {shape}")
     if not values.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
 
@@ -211,8 +213,7 @@ def ba_bound(log_q_x_given_y, log_p_x, reduction="mean"):
     tight exactly when q is the true posterior.  No negatives are needed, which
     is why it needs q normalized: that is the hard part.
     """
-    length = log_q_x_given_y.shape[0] if torch.is_tensor(log_q_x_given_y) and log_q_x_given_y.dim() == 1 else -1
-    _check_vector(log_q_x_given_y, "log_q_x_given_y", length)
+    _check_vector(log_q_x_given_y, "log_q_x_given_y")
     _check_vector(log_p_x, "log_p_x", log_q_x_given_y.shape[0])
     per_pair = _at_least_fp32(log_q_x_given_y) - _at_least_fp32(log_p_x)
     return _reduce(per_pair, reduction)
