@@ -112,8 +112,9 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         through the centroids' norms.)
       * max_points_per_centroid: faiss SUBSAMPLES the training set to
         256 * num_clusters points by default, silently: with 30,000 clusters
-        that is 7.68M >= 1.28M, fine, but with 1,000 clusters on 1.28M points
-        only 256k points would be used to fit the centroids.  None (default)
+        that is 7.68M >= 1.28M, so ImageNet's setting is NOT subsampled, but
+        with 1,000 clusters on 1.28M points only 256k points would be used to
+        fit the centroids (subsampling starts once N > 256 * num_clusters).  None (default)
         sets it to ceil(N / num_clusters), so every row is used (the LA code
         uses 10,000,000 for the same purpose).  Pass a number to subsample on
         purpose.  All N rows are assigned to the final centroids either way.
@@ -160,7 +161,8 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         # faiss >= 1.7 keeps the per-iteration objective as the numpy array
         # `Kmeans.obj` (and more detail in `Kmeans.iteration_stats`, a list of
         # dicts with 'obj', 'time', 'imbalance_factor', ...).  The C++
-        # `Clustering.obj` vector that older code read was removed.
+        # `Clustering.obj` vector that older code (the LA PyTorch code among
+        # it) read is gone: in faiss 1.15 Clustering has only iteration_stats.
         objective = float(kmeans.obj[-1])
         objectives.append(objective)
         _, assignment = kmeans.assign(x)       # nearest final centroid of every row
@@ -300,6 +302,8 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
     with torch.autocast(device_type=z.device.type, enabled=False):
         z_fp = z.to(dtype)
         bank_fp = bank.detach().to(dtype)        # no copy when the bank is already fp32
+        #                                          (a half-precision bank would be copied,
+        #                                          N * d * 4 bytes per call: keep it fp32)
 
         # -- B_i: the k nearest bank entries.  Only these [B, k] numbers and
         #    indices survive; the [B, N] similarity matrix is freed here.
