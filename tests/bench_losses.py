@@ -1,7 +1,12 @@
 """Speed and memory of the Section 5.3 losses at (part of) ImageNet scale.
 
-    python tests/bench_losses.py                       # N in {10k, 100k}, ~2-4 min on 2 cores
+    python tests/bench_losses.py --threads 1           # N in {10k, 100k}, ~1.5 min
     python tests/bench_losses.py --sizes 10000 --skip-kmeans
+
+Timing: each loss step is paired with a floor call made right next to it
+(same machine load), and both wall time and process CPU time are reported.
+With --threads 1 on a shared machine, read the CPU time: it counts work done,
+not time spent waiting for a core.
 
 A benchmark, not a test (its name does not start with test_): it prints
 figures and asserts nothing.
