@@ -168,6 +168,16 @@ def infonce_bound(scores, reduction="mean"):
     f*(x, y) = log p(y|x)/p(y) + c(x) it rises with K towards I(X;Y), but never
     above log K, so it saturates at log K when I(X;Y) > log K.
     """
+    # Where the paper is loose (checked in tests/test_infonce.py and the demo table):
+    # * Sec. 3 calls y_{2:K} "a set of K negative samples"; there are K-1 of them
+    #   (Theorem A.3 says K-1), and K - the count inside the 1/K - includes y_1.
+    # * The proof of Theorem A.3 uses I(X;Y_1) = I(X;Y_1,Y_{2:K}) "as Y_1 and Y_{2:K}
+    #   are independent"; what it needs is Y_{2:K} independent of (X, Y_1) jointly.
+    #   In-batch negatives satisfy that (they come from other pairs).
+    # * Sec. 3 says InfoNCE "requires a large number of negative samples to reduce
+    #   the variance of its estimate".  With the optimal critic the variance is small
+    #   (SE <= 0.02 nats in the demo table); what large K fixes is the bias, the cap
+    #   at log K.  The high-variance estimator is NWJ (Eq. 14), see nwj_bound.
     _check_scores(scores)
     scores = _at_least_fp32(scores)
     k = scores.shape[1]
@@ -511,8 +521,8 @@ def main(argv=None):
     print(f"\nBounds on I(X;Y) for correlated Gaussians, dim={dim}; {args.rows} anchors per "
           f"estimate in rows/K independent batches of K pairs (in-batch negatives);")
     print("'a +- s' = mean +- standard error across batches; [exact] = closed-form SE of NWJ.")
-    print("InfoNCE: Eq. 2, optimal critic f* = log p(y|x)/p(y).  NWJ: Eq. 14 with its optimal "
-          "critic 1 + f*.  learned: InfoNCE of the trained separable critic.")
+    print("InfoNCE: Eq. 2 with the optimal critic f* = log p(y|x)/p(y).  NWJ: Eq. 14 with its optimal")
+    print("critic 1 + f*.  learned: InfoNCE (Eq. 2) of the separable critic at the end of its stair.")
     header = (f"{'I(X;Y)':>7} {'K':>5} {'log K':>6} | {'InfoNCE (f*)':>16} | "
               f"{'NWJ (1+f*)':>16} {'[exact]':>8} | {'learned InfoNCE':>16}")
     print(header)
@@ -529,6 +539,9 @@ def main(argv=None):
             print(f"{mi:7.2f} {k:5d} {math.log(k):6.3f} | {nce[0]:8.3f} +- {nce[1]:5.3f} | "
                   f"{nwj[0]:8.3f} +- {nwj[1]:5.3f} {exact:8.3f} | "
                   f"{learned[mi, k][0]:8.3f} +- {learned[mi, k][1]:5.3f}")
+
+    print("NWJ's sample SE misses the e^{2I} variance of e^f that rare pairs carry; trust [exact] "
+          "(nwj_optimal_stderr).")
 
     # 3) The K-free bounds (Lemma A.1): they need an exact posterior or partition.
     #    BA with the true posterior p(x|y) = N(rho y, (1-rho^2) I) is tight; note
