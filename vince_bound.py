@@ -257,7 +257,9 @@ def rejection_sample(y1, n_neg, acceptance, generator=None, max_proposals=1_000_
     y1: [B, d];  acceptance: similarity s(y_1, y) in [0, 1] -> r in [0, 1] (see above).
     Candidates come from p = N(0, I); each is kept with probability r.  Rows that still
     need negatives get new candidates, so the kept ones are the first n_neg accepted of an
-    i.i.d. stream, hence i.i.d. from q.  Returns (negatives [B, n_neg, d], r at them [B, n_neg]).
+    i.i.d. stream, hence i.i.d. from q (how many candidates a round draws depends only on
+    past acceptance counts, never on the candidates' values).
+    Returns (negatives [B, n_neg, d], r at them [B, n_neg]).
     """
     if int(n_neg) != n_neg or n_neg < 0:
         raise ValueError(f"n_neg must be an integer >= 0, got {n_neg}")
@@ -265,11 +267,13 @@ def rejection_sample(y1, n_neg, acceptance, generator=None, max_proposals=1_000_
     out = torch.empty(b, n_neg, d, dtype=y1.dtype)
     r_out = torch.empty(b, n_neg, dtype=y1.dtype)
     filled = torch.zeros(b, dtype=torch.long)
-    proposed = 0
+    proposed, accepted_total, rate = 0, 0, 0.5
     while (filled < n_neg).any():
         rows = (filled < n_neg).nonzero().squeeze(1)
-        m = 2 * n_neg + 16
-        cand = torch.randn(len(rows), m, d, generator=generator, dtype=y1.dtype)
+        need = (n_neg - filled[rows]).max().item()
+        m = int(1.25 * need / rate) + 16           # enough candidates for most rows in one round
+        # Candidates drawn in float32 (4x faster on CPU) and widened exactly to y1's dtype.
+        cand = torch.randn(len(rows), m, d, generator=generator, dtype=torch.float32).to(y1.dtype)
         r = acceptance(similarity01(y1[rows], cand))
         accepted = torch.rand(len(rows), m, generator=generator, dtype=y1.dtype) < r
         slot = torch.cumsum(accepted, dim=1) - 1 + filled[rows, None]  # where each accepted one goes
@@ -278,10 +282,12 @@ def rejection_sample(y1, n_neg, acceptance, generator=None, max_proposals=1_000_
         out[rows[ri], slot[ri, ci]] = cand[ri, ci]
         r_out[rows[ri], slot[ri, ci]] = r[ri, ci]
         filled[rows] = torch.clamp(filled[rows] + accepted.sum(1), max=n_neg)
-        proposed += m
-        if proposed > max_proposals:
-            raise ValueError(f"acceptance accepts almost nothing: fewer than {n_neg} of {proposed} "
-                             f"candidates accepted for some rows; widen t / [l, u] or raise max_proposals")
+        proposed += m * len(rows)
+        accepted_total += accepted.sum().item()
+        rate = max(accepted_total / proposed, 1e-3)  # running acceptance rate (only sets the next m)
+        if proposed > max_proposals * b:
+            raise ValueError(f"acceptance accepts almost nothing: fewer than {n_neg} of {proposed // b} "
+                             f"candidates per row accepted for some rows; widen t / [l, u] or raise max_proposals")
     return out, r_out
 
 
@@ -321,9 +327,10 @@ def estimate_acceptance_rate(y1, acceptance, n_samples, generator=None, chunk=81
     done = 0
     while done < n_samples:
         m = min(chunk, n_samples - done)
-        pool = torch.randn(m, d, generator=generator, dtype=y1.dtype)
-        cos = (y1 / y1.norm(dim=1, keepdim=True)) @ (pool / pool.norm(dim=1, keepdim=True)).T  # [B, m]
-        r = acceptance(0.5 * (1.0 + cos))
+        pool = torch.randn(m, d, generator=generator, dtype=torch.float32)
+        # float32 is plenty for a Monte Carlo average (its error is se, not 1e-7); sums in y1's dtype.
+        cos = (y1 / y1.norm(dim=1, keepdim=True)).float() @ (pool / pool.norm(dim=1, keepdim=True)).T  # [B, m]
+        r = acceptance(0.5 * (1.0 + cos)).to(y1.dtype)
         total += r.sum(1)
         total_sq += (r * r).sum(1)
         done += m
@@ -477,17 +484,24 @@ def exact_weighted_infonce(joint, critic, q, k, one_over_k=True):
 # the variance of its estimate), and with Eq. 17's weights the only effect of psi is to rescale
 # each anchor by Z_psi(y_1)^-(K-1).  For the paper's unnormalized "q = r p", J does not depend
 # on psi either (q W = p) and the true gradient is 0, while the printed lemma is not.
+# Where psi does matter is Eq. 4 with q_psi negatives (weights dropped); its gradient is the
+# score-function term alone:  grad E_q[g] = E_q[g (sum_j grad log r_j - (K-1) grad log Z_psi)].
 # ---------------------------------------------------------------------------
+def _check_weights(weights):
+    if weights not in ("paper", "true", "none"):
+        raise ValueError(f"weights must be 'paper', 'true' or 'none', got {weights!r}")
+
+
 def vince_plus_objective(psi, joint, critic, similarity, k, weights="paper", normalized=True):
     """J(psi) of Eq. 17 (reading above), exactly, by enumerating all negative tuples.
 
     psi: [2] tensor (bias, weight) of r_psi = sigmoid(psi_0 + psi_1 * similarity);
-    joint, critic, similarity: [V, V];  weights: "paper" (W = prod 1/r, Eq. 17) or "true"
-    (W = prod p/q = Z^(K-1) prod 1/r);  normalized: q = r p / Z (True, what rejection
-    sampling draws) or the paper's unnormalized q = r p (False).  Differentiable in psi.
+    joint, critic, similarity: [V, V];  weights: "paper" (W = prod 1/r, Eq. 17), "true"
+    (W = prod p/q = Z^(K-1) prod 1/r) or "none" (W = 1: Eq. 4 with q_psi negatives);
+    normalized: q = r p / Z (True, what rejection sampling draws) or the paper's
+    unnormalized q = r p (False).  Differentiable in psi.
     """
-    if weights not in ("paper", "true"):
-        raise ValueError(f"weights must be 'paper' or 'true', got {weights!r}")
+    _check_weights(weights)
     _check_k(k)
     p = joint.sum(0)
     r = torch.sigmoid(psi[0] + psi[1] * similarity)                 # [y1, y]
@@ -495,7 +509,7 @@ def vince_plus_objective(psi, joint, critic, similarity, k, weights="paper", nor
     tuples = enumerate_negatives(len(p), k)
     log_r = r.log()[:, tuples].sum(2)                               # [y1, T] sum_j log r_j
     log_q = log_r + p.log()[tuples].sum(1)[None, :] - ((k - 1) * log_z[:, None] if normalized else 0.0)
-    log_w = -log_r + ((k - 1) * log_z[:, None] if weights == "true" else 0.0)
+    log_w = {"paper": -log_r, "true": -log_r + (k - 1) * log_z[:, None], "none": 0.0 * log_r}[weights]
     g = _enumerated_l(critic, tuples, k)                            # [x, y1, T]
     return (joint[:, :, None] * (log_q + log_w).exp()[None] * g).sum()
 
@@ -506,15 +520,15 @@ def lemma_c1_gradient(psi, joint, critic, similarity, k, form="corrected", weigh
     form="printed":   E[grad L1 - grad L2 - grad L3] with the printed terms (grad r_i restored
                       in L1 so that it is a vector at all); only for weights="paper".
     form="corrected": E_q[W g (sum_j grad log r_j - (K-1) grad log Z) + g grad W]
-                      (drop the grad log Z term when normalized=False).
+                      (drop the grad log Z term when normalized=False; grad W = 0 for
+                      weights="none", which leaves the score-function term of Eq. 4).
     Derivatives of r = sigmoid(psi_0 + psi_1 s) are written out: grad r = r (1 - r) [1, s].
     """
     if form not in ("printed", "corrected"):
         raise ValueError(f"form must be 'printed' or 'corrected', got {form!r}")
+    _check_weights(weights)
     if form == "printed" and weights != "paper":
         raise ValueError("form='printed' is stated for Eq. 17's weights only: use weights='paper'")
-    if weights not in ("paper", "true"):
-        raise ValueError(f"weights must be 'paper' or 'true', got {weights!r}")
     _check_k(k)
     psi = psi.detach()
     p = joint.sum(0)
@@ -528,7 +542,8 @@ def lemma_c1_gradient(psi, joint, critic, similarity, k, form="corrected", weigh
     grad_r_t = grad_r[:, tuples]                                                  # [y1, T, K-1, 2]
     log_r = r_t.log().sum(2)                                                      # [y1, T]
     log_q = log_r + p.log()[tuples].sum(1)[None, :] - ((k - 1) * z.log()[:, None] if normalized else 0.0)
-    w = (-log_r + ((k - 1) * z.log()[:, None] if weights == "true" else 0.0)).exp()  # [y1, T]
+    w = {"paper": (-log_r).exp(), "true": (-log_r + (k - 1) * z.log()[:, None]).exp(),
+         "none": torch.ones_like(log_r)}[weights]                                  # [y1, T]
     sum_grad_log_r = (grad_r_t / r_t[..., None]).sum(2)                           # [y1, T, 2]
     g = _enumerated_l(critic, tuples, k)                                          # [x, y1, T]
     f1 = critic[:, :, None].expand_as(g)
@@ -542,7 +557,9 @@ def lemma_c1_gradient(psi, joint, critic, similarity, k, form="corrected", weigh
         per_sample = grad_l1 - grad_l2 - grad_l3
     else:
         score = sum_grad_log_r - ((k - 1) * grad_log_z[:, None, :] if normalized else 0.0)
-        grad_w = w[..., None] * (-sum_grad_log_r + ((k - 1) * grad_log_z[:, None, :] if weights == "true" else 0.0))
+        grad_log_w = {"paper": -sum_grad_log_r, "true": -sum_grad_log_r + (k - 1) * grad_log_z[:, None, :],
+                      "none": torch.zeros_like(sum_grad_log_r)}[weights]
+        grad_w = w[..., None] * grad_log_w
         per_sample = (w[None] * g)[..., None] * score[None] + g[..., None] * grad_w[None]
     prob = joint[:, :, None] * log_q.exp()[None]                                  # [x, y1, T]
     return (prob[..., None] * per_sample).sum((0, 1, 2))
@@ -584,6 +601,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     for k in args.k:
         _check_k(k)
+    # Fail before any work: each constructor raises a ValueError naming its argument.
+    threshold_acceptance(args.t), band_acceptance(*args.band), constant_acceptance(args.c)
+    gaussian_tempered_proposal(1, 1, 1, args.temper)
+    copy_channel_joint(zipf_marginal(args.vocab, args.zipf), args.keep)
+    tempered(torch.ones(2, dtype=torch.float64) / 2, args.vocab_temper)
     if args.dim < 1 or args.anchors < 2 or args.z_samples < 2 or any(m < 0 for m in args.mi):
         ap.error("need --dim >= 1, --anchors >= 2, --z-samples >= 2 and every --mi >= 0")
     return args

@@ -373,6 +373,19 @@ def test_vince_plus_with_true_weights_does_not_depend_on_psi(normalized):
         assert corrected.abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("normalized", [True, False])
+def test_eq4_with_learned_proposal_has_score_function_gradient(normalized):
+    # Weights dropped (Eq. 4 with q_psi negatives): psi does change the objective, and the
+    # gradient is the score-function term alone.
+    _, joint, critic = _tiny_problem()
+    sim, k = vb.token_similarity(5), 3
+    psi = torch.tensor([0.3, -1.5], dtype=F64, requires_grad=True)
+    vb.vince_plus_objective(psi, joint, critic, sim, k, "none", normalized).backward()
+    corrected = vb.lemma_c1_gradient(psi, joint, critic, sim, k, "corrected", "none", normalized)
+    assert psi.grad.abs().max() > 1e-3
+    assert torch.allclose(corrected, psi.grad, atol=1e-12, rtol=1e-10)
+
+
 # ---------------------------------------------------------------------------
 # Bad input, CLI.
 # ---------------------------------------------------------------------------
@@ -411,6 +424,8 @@ def test_vince_plus_with_true_weights_does_not_depend_on_psi(normalized):
     (lambda: vb.vince_plus_objective(torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, "x"),
      "weights"),
     (lambda: vb.parse_args(["--k", "0"]), "K"),
+    (lambda: vb.parse_args(["--band", "0.7", "0.6"]), "u"),
+    (lambda: vb.parse_args(["--keep", "1.0"]), "keep"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
