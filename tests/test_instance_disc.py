@@ -267,6 +267,33 @@ def test_gradients_reach_z_only_and_pass_gradcheck(name):
     assert torch.autograd.gradcheck(fn, (z.detach().clone().requires_grad_(),), eps=1e-6, atol=1e-5)
 
 
+def test_private_logsumexp_matches_torch_including_empty_rows():
+    x = 20 * torch.randn(5, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[1, :10] = -math.inf
+    x[3] = -math.inf  # an empty set
+    x[4, 7] = 500.0  # one dominant entry
+    mine = x.clone().requires_grad_()
+    ref = x.clone().requires_grad_()
+    out = instance_disc._LogSumExp.apply(mine)
+    expected = torch.logsumexp(ref, dim=1)
+    torch.testing.assert_close(out, expected)
+    weights = torch.arange(1.0, 6.0, dtype=torch.float64)
+    (out[[0, 1, 2, 4]] * weights[[0, 1, 2, 4]]).sum().backward()
+    (expected[[0, 1, 2, 4]] * weights[[0, 1, 2, 4]]).sum().backward()
+    rows = [0, 1, 2, 4]
+    torch.testing.assert_close(mine.grad[rows], ref.grad[rows])
+    assert float(mine.grad[3].abs().sum()) == 0.0  # (torch.logsumexp gives NaN here: 0 * exp(-inf + inf))
+    # Fast IR partition function against torch on a [B, N] product, value and gradient.
+    z, bank, _ = problem(seed=15, dtype=torch.float64)
+    q1, q2 = (z / 0.07).clone().requires_grad_(), (z / 0.07).clone().requires_grad_()
+    a = instance_disc._LogSumExpSimilarities.apply(q1, bank)
+    b = torch.logsumexp(q2 @ bank.T, dim=1)
+    torch.testing.assert_close(a, b)
+    (a * weights.repeat(3)[: len(a)]).sum().backward()
+    (b * weights.repeat(3)[: len(b)]).sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad)
+
+
 # ----------------------------------------------------------------------
 # Stability in half precision
 # ----------------------------------------------------------------------
