@@ -140,8 +140,10 @@ def vince_bound(scores, log_weights, reduction="mean", one_over_k=True):
     """
     _check_scores(scores)
     _check_row_vector(log_weights, "log_weights", scores.shape[0])
+    if scores.dtype in (torch.float16, torch.bfloat16):   # reduce low-precision scores in fp32, as infonce.py does
+        scores = scores.float()
     k = scores.shape[1]
-    per_row = torch.exp(log_weights) * _log_mean_exp_term(scores, one_over_k) - (k - 1)
+    per_row = torch.exp(log_weights.to(scores.dtype)) * _log_mean_exp_term(scores, one_over_k) - (k - 1)
     return _reduce(per_row, reduction)
 
 
@@ -698,7 +700,8 @@ def main(argv=None):
     print("VINCE (Theorem 3.1) on correlated Gaussians, optimal critic f* = log p(y|x)/p(y)")
     print(f"dim = {args.dim}, B = {args.anchors} anchors; s = (1 + cos(y_1, y))/2; Z_r = E_p[r(y|y_1)] from "
           f"{args.z_samples} draws; VINCE = mean of W l - K + 1 with W = prod p/q (normalized q)")
-    print("cap = log K - K + 1 is the largest value E[VINCE] can take for this K (derivation (iii)).")
+    print("cap = log K - K + 1 is the largest value E[VINCE] can take for this K (derivation (iii)); a single")
+    print("estimate obeys estimate <= log K * mean(W) - K + 1 exactly, so heavy-tailed W can put it above cap.")
     print("Z_r +- se: Monte Carlo normalizer; dlogW = (K-1) se/Z, the error it puts on log W; mean W should be 1;")
     print("paper W=1/r: VINCE with the paper's unnormalized weights; (3.1.2): Corollary 3.1.2's bound; "
           "Eq.4 vs MI: +-4 se verdict.")
@@ -742,7 +745,7 @@ def main(argv=None):
             print(f"  {row['name']:<26}{row['log_c']:>10.1f}{row['mean_w']:>10.2g}{v[0]:>11.3f} {pm} {v[1]:<5.3f}"
                   f"{row['cor312']:>11.2f}{e[0]:>9.3f} {pm} {e[1]:<5.3f}  {verdict:>10}")
     log_cond = joint.log() - p.log()[:, None]   # log p(y | x): the optimum of the full-vocabulary softmax
-    print(f"\n  MLM, whole vocabulary as negatives (Eq. 4 with uniform q, K = |V|), exact:")
+    print("\n  MLM, whole vocabulary as negatives (Eq. 4 with uniform q, K = |V|), exact:")
     print(f"    at f* = log p(y|x)/p(y): {mlm_full_vocabulary_value(joint, critic):.3f}   "
           f"at its optimum f = log p(y|x): {mlm_full_vocabulary_value(joint, log_cond):.3f}   "
           f"= I + KL(p||uniform) = {mi_v:.3f} + {kl_u:.3f}")

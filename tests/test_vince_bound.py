@@ -71,6 +71,16 @@ def test_printed_eq3_is_lower_by_w_log_k():
     assert torch.allclose(gap, log_w.exp() * math.log(k), atol=1e-12, rtol=0)
 
 
+def test_low_precision_scores_are_reduced_in_fp32():
+    scores = 4.0 * torch.randn(64, 128, generator=_gen(4))
+    log_w = 0.1 * torch.randn(64, generator=_gen(5))
+    want = vb.vince_bound(scores, log_w, "none")
+    for dtype in (torch.float16, torch.bfloat16):
+        got = vb.vince_bound(scores.to(dtype), log_w.to(dtype), "none")
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=0.1, rtol=0)
+
+
 def test_surrogate_is_eq2_formula_on_q_negatives():
     scores = torch.randn(30, 9, generator=_gen(3), dtype=F64)
     by_hand = scores[:, 0] - torch.log(torch.exp(scores).mean(1))
