@@ -34,6 +34,7 @@ Class labels (from the folder names) are used only by these two evaluations, nev
 
 import argparse
 import contextlib
+import datetime
 import itertools
 import json
 import math
@@ -41,6 +42,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,7 +89,7 @@ def build_parser():
     a("--k-background", type=int, default=4096, help="|B_i|: nearest bank entries forming the background "
       "set of BALL / ANN / LA (App. D: 4096)")
     a("--k-close", type=int, default=None, help="ANN only: size of the close set C_i removed from B_i "
-      "(default: instance_disc.ann_loss's, k_background // 10)")
+      "(None: instance_disc.ann_loss's default, k_background // 10)")
     a("--neighbours-of", choices=["z", "bank"], default="z", help="BALL/ANN/LA: B_i = nearest bank rows to "
       "the current embedding z (LA code) or to M[i] (the paper's wording in Sec. 5.3; one more matmul)")
     a("--kmeans-k", type=int, default=30000, help="LA: clusters per k-means (App. D: 30000)")
@@ -96,7 +98,7 @@ def build_parser():
     a("--init-from", default=None, help="LA: start model and bank from this IR checkpoint (App. D: LA "
       "starts from 10 epochs of IR); excludes --la-warmup-epochs")
     a("--la-warmup-epochs", type=int, default=None, help="LA without --init-from: epochs of IR before "
-      "switching to LA (default 10, App. D)")
+      "switching to LA (None: 10, App. D)")
     # --- optimisation (Appendix D) ---
     a("--lr", type=float, default=0.03, help="SGD learning rate (App. D: 0.03)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (App. D: 0.9)")
@@ -316,18 +318,21 @@ def load_datasets(args, rank=0, world_size=1):
 
 
 def make_toy_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=4, size=32, seed=0):
-    """Write a tiny ImageFolder (PNG) whose classes differ in colour and stripe direction, so that
-    kNN accuracy can rise above chance in a few CPU epochs.  Used by the demo, tests and benchmarks."""
+    """Write a tiny ImageFolder of PNGs for the demo, tests and CPU smoke runs.  Class c is a stripe
+    pattern at angle c*180/num_classes degrees; phase, frequency, colour and noise vary per image, so
+    the class is a matter of shape, not of mean colour."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     for c in range(num_classes):
-        hue = np.array([np.cos(2 * np.pi * c / num_classes), np.sin(2 * np.pi * c / num_classes), 0.0]) * 0.4 + 0.5
-        stripes = np.sin(2 * np.pi * 4 * (xx if c % 2 else yy))
+        angle = np.pi * c / num_classes
         for split, count in (("train", train_per_class), ("val", val_per_class)):
             folder = os.path.join(root, split, f"class_{c:02d}")
             os.makedirs(folder, exist_ok=True)
             for j in range(count):
-                img = hue[None, None] + 0.25 * stripes[..., None] + 0.15 * rng.standard_normal((size, size, 3))
+                freq, phase = rng.uniform(2.5, 4.5), rng.uniform(0, 2 * np.pi)
+                stripes = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+                colour_a, colour_b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+                img = np.where(stripes[..., None] > 0, colour_a, colour_b) + 0.1 * rng.standard_normal((size, size, 3))
                 Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
                     os.path.join(folder, f"{split}_{c}_{j:03d}.png"))
     return root
@@ -379,7 +384,9 @@ def setup_distributed(device_flag):
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
+    # Long timeout: during LA's re-clustering the other ranks wait in a broadcast while rank 0 runs
+    # 10 k-means of 30,000 clusters on faiss-cpu, which can take far longer than the default 10 minutes.
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
     return True, rank, local_rank, world, device
 
 
@@ -672,26 +679,29 @@ def benchmark(args, device):
 # Demo (no arguments): the four algorithms for a few epochs on generated images.
 # -----------------------------------------------------------------------------
 def demo():
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    """IR, BALL, ANN and LA for 6 CPU epochs each on 64 generated 32x32 images (about a minute)."""
+    torch.set_num_threads(1)  # tiny images: one thread is as fast as several, and immune to busy cores
+    epochs = 6
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_toy_imagefolder(os.path.join(tmp, "data"), num_classes=4, train_per_class=16, val_per_class=6)
-        print(f"demo: 4 classes x 16 train / 6 val generated 32x32 images in {data}; 3 CPU epochs per algorithm\n")
+        data = make_toy_imagefolder(os.path.join(tmp, "data"), num_classes=4, train_per_class=16, val_per_class=8)
+        print(f"demo: 4 classes x 16 train / 8 val generated 32x32 images; {epochs} CPU epochs per algorithm\n")
         table = []
         for algo in ("ir", "ball", "ann", "la"):
             out = os.path.join(tmp, algo)
-            extra = ["--la-warmup-epochs", "1", "--kmeans-k", "8", "--n-kmeans", "2"] if algo == "la" else []
+            extra = ["--la-warmup-epochs", "2", "--kmeans-k", "8", "--n-kmeans", "2"] if algo == "la" else []
             main(["--data", data, "--out-dir", out, "--algo", algo, "--device", "cpu", "--image-size", "32",
-                  "--batch-size", "16", "--epochs", "3", "--k-background", "32", "--knn-k", "10",
-                  "--workers", "0", "--log-every", "1000", "--eval-linear", "--linear-epochs", "20"] + extra)
+                  "--batch-size", "8", "--epochs", str(epochs), "--k-background", "32", "--knn-k", "10",
+                  "--workers", "0", "--log-every", "1000", "--eval-linear"] + extra)
             rows = read_log(os.path.join(out, "log.jsonl"))
             ep = [r for r in rows if r.get("kind") == "epoch"]
             lin = [r for r in rows if r.get("kind") == "linear"][-1]
-            table.append((algo, ep[0]["train_loss"], ep[-1]["train_loss"], ep[-1]["knn_top1"],
-                          lin["linear_top1"], ep[-1]["images_per_s"]))
-        print("\nalgo | loss ep1 | loss ep3 | kNN top-1 (val) | linear top-1 (val) | images/s")
+            table.append((algo, ep[0]["train_loss"], ep[-1]["train_loss"], max(r["knn_top1"] for r in ep),
+                          lin["linear_top1"], sum(r["images_per_s"] for r in ep) / len(ep)))
+        print(f"\nalgo | loss ep1 | loss ep{epochs} | best kNN top-1 (val) | linear top-1 (val) | images/s")
         for algo, l0, l1, knn, lin, ips in table:
-            print(f"{algo:4s} | {l0:8.3f} | {l1:8.3f} | {100 * knn:14.1f}% | {100 * lin:17.1f}% | {ips:8.1f}")
-        print("(chance = 25%; 4 classes; each algorithm's loss has its own scale, compare within a row)")
+            print(f"{algo:4s} | {l0:8.3f} | {l1:8.3f} | {100 * knn:19.1f}% | {100 * lin:17.1f}% | {ips:8.1f}")
+        print("chance = 25% (4 classes, 32 val images).  LA's first 2 epochs are IR (its warm-up).  Losses of\n"
+              "different algorithms are on different scales.  Toy data: this shows the pipeline, not Figure 2.")
 
 
 # -----------------------------------------------------------------------------
@@ -775,6 +785,9 @@ def main(argv=None):
                 cluster_labels = ckpt["cluster_labels"].to(device)
             epoch, batch_in_epoch, global_step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
             best_knn, lr_drops, finished, warmup = ckpt["best_knn_top1"], ckpt["lr_drops"], ckpt["finished"], ckpt["warmup"]
+            if batch_in_epoch and ckpt["world_size"] != world:
+                raise ValueError(f"--resume: {ckpt_path} was saved mid-epoch by {ckpt['world_size']} processes; "
+                                 f"the sampler's split depends on it, so resume with {ckpt['world_size']}, not {world}")
             rng_states = ckpt["rng_states"] if len(ckpt["rng_states"]) == world else None
             if master:
                 print(f"resumed {ckpt_path}: epoch {epoch} batch {batch_in_epoch} step {global_step} "
@@ -806,8 +819,9 @@ def main(argv=None):
             stop["signal"] = signal.Signals(signum).name
             signal.signal(signum, old_handlers[signum])
 
-        for s in (signal.SIGTERM, signal.SIGINT):
-            old_handlers[s] = signal.signal(s, request_stop)
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[s] = signal.signal(s, request_stop)
 
         def checkpoint(epoch_now, batch_now):
             gathered = [None] * world  # every rank's augmentation RNG, so a resume replays the same views
@@ -822,7 +836,7 @@ def main(argv=None):
                     cluster_labels=None if cluster_labels is None else cluster_labels.cpu(),
                     epoch=epoch_now, batch_in_epoch=batch_now, step=global_step, best_knn_top1=best_knn,
                     lr_drops=lr_drops, finished=finished, warmup=warmup, rng_states=gathered,
-                    num_train=n_train, classes=train_set.classes, args=vars(args)), ckpt_path)
+                    num_train=n_train, classes=train_set.classes, world_size=world, args=vars(args)), ckpt_path)
 
         # ---- the loop -------------------------------------------------------------------------------
         # Order, identical on every rank (all ranks hold the same bank, so they take the same decisions):
@@ -861,6 +875,7 @@ def main(argv=None):
                 z, loss = forward_loss(model, images, idx_dev, phase, bank, cluster_labels, args, amp_ctx)
                 if args.debug_nan_step is not None and global_step + 1 == args.debug_nan_step:
                     loss = loss * float("nan")
+                # One host sync per step (loss.item()): the price of every rank stopping at the same step.
                 nonfinite, stopping = any_rank([not math.isfinite(loss.item()), stop["signal"] is not None], device)
                 if nonfinite:
                     raise FloatingPointError(f"non-finite loss at step {global_step + 1} (epoch {epoch + 1}, "
@@ -927,6 +942,10 @@ def main(argv=None):
                     print(f"stopped by {stop['signal']} after epoch {epoch}; saved {ckpt_path}; continue with "
                           "--resume", flush=True)
                 return None
+
+        if finished and master:
+            print(f"training has finished: the val knn_top1 plateaued after {args.lr_drops} LR drops (App. D); "
+                  f"best knn_top1 {100 * best_knn:.2f}%", flush=True)
 
         # ---- after training ----
         if args.eval_linear:

@@ -251,16 +251,17 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data
 
 
 def test_sigterm_saves_mid_epoch_and_resume_replays_the_same_run(data, tmp_path):
-    """A real process gets SIGTERM during epoch 2; it must save (epoch 1, batch b) and exit 0.  Resuming
-    it must give exactly the bank and model of an uninterrupted run (same views: RNG state saved)."""
+    """A real process gets SIGTERM during epoch 2 (of 2); it must save (epoch 1, batch b) and exit 0.
+    Resuming it must give exactly the bank and model of an uninterrupted run (same views: RNG saved)."""
     out = tmp_path / "sig"
-    cmd = [sys.executable, "imagenet_train.py"] + argv(data, out, "ir", 3, 4) + ["--log-every", "1"]
+    # batch 2: 24 steps per epoch, so the signal sent after step 3 of epoch 2 lands well inside it
+    cmd = [sys.executable, "imagenet_train.py"] + argv(data, out, "ir", 2, 2) + ["--log-every", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("epoch 2 step 3/"):
+        if line.startswith("epoch 2 step 3/24"):
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=120)
@@ -268,15 +269,15 @@ def test_sigterm_saves_mid_epoch_and_resume_replays_the_same_run(data, tmp_path)
     assert proc.returncode == 0, text
     assert "stopped by SIGTERM" in text
     ckpt = load_ckpt(out)
-    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 12, text  # mid-epoch 2, after >= 3 steps
-    assert ckpt["step"] == 12 + ckpt["batch_in_epoch"]
-    it.main(argv(data, out, "ir", 3, 4, "--resume"))
-    it.main(argv(data, tmp_path / "straight", "ir", 3, 4))
+    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 24, text  # mid-epoch 2, after >= 3 steps
+    assert ckpt["step"] == 24 + ckpt["batch_in_epoch"]
+    it.main(argv(data, out, "ir", 2, 2, "--resume"))
+    it.main(argv(data, tmp_path / "straight", "ir", 2, 2))
     resumed, straight = load_ckpt(out), load_ckpt(tmp_path / "straight")
-    assert (resumed["epoch"], resumed["step"]) == (3, 36)
+    assert (resumed["epoch"], resumed["step"]) == (2, 48)
     assert torch.equal(resumed["bank"]["vectors"], straight["bank"]["vectors"])
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
-    assert [r["epoch"] for r in rows(out, "epoch")] == [1, 2, 3]
+    assert [r["epoch"] for r in rows(out, "epoch")] == [1, 2]
 
 
 # -----------------------------------------------------------------------------
