@@ -188,7 +188,7 @@ class MemoryBank:
         random rows (and its first epoch of IR would be against noise).
         """
         return {
-            "vectors": self.vectors.detach().clone(),
+            "vectors": self.vectors.detach().to("cpu", copy=True),  # a snapshot, device-independent
             "size": self.size,
             "dim": self.dim,
             "seed": self.seed,
@@ -246,12 +246,12 @@ def _all_gather_uneven(indices, vectors):
     dist.all_gather needs equal shapes, so: gather the sizes, pad each rank's
     batch to the largest with dummy rows, gather, and cut the padding off
     again.  Returns the concatenation in rank order, identical on every rank.
-    NCCL needs CUDA tensors, gloo CPU (or CUDA) ones: we send from the device
-    the backend wants and bring the result back to the bank's device.
+    NCCL needs CUDA tensors, gloo is safest with CPU ones: we send from the
+    device the backend wants and bring the result back to the bank's device.
     """
     world = dist.get_world_size()
     home = vectors.device
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else home
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     size = torch.tensor([indices.shape[0]], dtype=torch.long, device=comm)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)

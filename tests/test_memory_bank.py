@@ -312,7 +312,8 @@ def _distributed_worker(rank, world, port, out_dir):
     try:
         bank = MemoryBank(12, 6, seed=0)
         bank.update(_RANK_INDICES[rank], _rank_vectors(rank), alpha=0.5)
-        bank.update(_RANK_INDICES[rank][:1], _rank_vectors(rank)[:1], alpha=0.5)  # sizes 1 and 1
+        keep = 1 if rank == 0 else 0  # sizes 1 and 0: a rank with nothing to contribute still joins
+        bank.update(_RANK_INDICES[rank][:keep], _rank_vectors(rank)[:keep], alpha=0.5)
         # A bad index on ONE rank must raise on every rank (not leave the others hanging).
         bad = torch.tensor([0]) if rank == 0 else torch.tensor([12])
         raised = False
@@ -334,13 +335,16 @@ def test_distributed_updates_keep_every_rank_identical():
     # Identical also to one process applying rank 0's batch then rank 1's (the documented order).
     reference = MemoryBank(12, 6, seed=0)
     reference.update(torch.cat(_RANK_INDICES), torch.cat([_rank_vectors(0), _rank_vectors(1)]), alpha=0.5)
-    reference.update(
-        torch.cat([_RANK_INDICES[0][:1], _RANK_INDICES[1][:1]]),
-        torch.cat([_rank_vectors(0)[:1], _rank_vectors(1)[:1]]),
-        alpha=0.5,
-    )
+    reference.update(_RANK_INDICES[0][:1], _rank_vectors(0)[:1], alpha=0.5)
     assert torch.equal(results[0]["vectors"], reference.vectors)
     # ... and not what rank 0 alone would have produced.
     alone = MemoryBank(12, 6, seed=0)
     alone.update(_RANK_INDICES[0], _rank_vectors(0), alpha=0.5)
     assert not torch.equal(alone.vectors, reference.vectors)
+
+
+def test_empty_batch_changes_nothing():
+    bank = MemoryBank(5, 3)
+    before = bank.vectors.clone()
+    bank.update(torch.zeros(0, dtype=torch.long), torch.zeros(0, 3), 0.5)
+    assert torch.equal(bank.vectors, before)
