@@ -5,7 +5,8 @@ Unsupervised Representation Learning", Section 5.3.
 
 Every loss here is a plain function of tensors that needs only torch (copy it
 together with the small private helpers above it: `_check_inputs`,
-`_LogSumExp`, `_SelectedLogits`, and `_background_set` for BALL / ANN):
+`_full_precision`, `_LogSumExp`, `_SelectedLogits`, and `_background_set`
+for BALL / ANN):
 
     z    [B, d]  the encoder outputs E(v(x_i, a)) for one view of each image,
                  L2-normalized (checked: a ValueError otherwise);
@@ -17,7 +18,8 @@ together with the small private helpers above it: `_check_inputs`,
     tau          the temperature of Eq. 6.
 
 All losses are MINIMIZED: they are the negated objectives, loss = -L.  They
-work in log space in float32 (float64 if given float64): exp(z^T M[j] / tau) is
+work in log space in float32 (float64 if given float64; autocast is switched
+off inside, see `_full_precision`): exp(z^T M[j] / tau) is
 never formed, so fp16 / bf16 inputs at tau = 0.07 stay finite (exp(1/0.07) =
 1.6e6 would overflow fp16's 65504).  Gradients reach z only: the bank is a
 buffer refreshed by Eq. 7 (memory_bank.py), so it is detached here.
@@ -43,6 +45,8 @@ The constants between the code and the paper
 """
 
 import argparse
+import contextlib
+import functools
 import math
 import time
 
@@ -99,6 +103,31 @@ def _describe(x):
     return f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
 
 
+def _full_precision(loss_fn):
+    """Run a loss with autocast switched off, so its matmuls and logsumexps stay in float32.
+
+    A trainer using torch.autocast (mixed precision) would otherwise get the
+    [B, N] similarities in fp16 / bf16: at tau = 0.07 the logits reach 14.3,
+    where bf16 resolves only steps of 0.06.  Inputs of any dtype are still
+    accepted; they are upcast inside.
+    """
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        with _no_autocast():
+            return loss_fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _no_autocast():
+    """A context that disables autocast on CUDA and on the CPU (also used in the backward passes below)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
+    stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
+    return stack
+
+
 class _SelectedLogits(torch.autograd.Function):
     """logits[b, j] = q[b] . bank[cols[b, j]] for chosen columns, reusing values already computed.
 
@@ -119,7 +148,8 @@ class _SelectedLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         bank, cols = ctx.saved_tensors
-        grad_q = torch.nn.functional.embedding_bag(cols, bank, per_sample_weights=grad.to(bank.dtype), mode="sum")
+        with _no_autocast():
+            grad_q = torch.nn.functional.embedding_bag(cols, bank, per_sample_weights=grad.to(bank.dtype), mode="sum")
         return grad_q, None, None, None
 
 
@@ -178,12 +208,14 @@ class _LogSumExpSimilarities(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         probabilities, bank = ctx.saved_tensors
-        return grad[:, None] * (probabilities @ bank), None
+        with _no_autocast():
+            return grad[:, None] * (probabilities @ bank), None
 
 
 # ----------------------------------------------------------------------
 # Eq. 6: Instance Discrimination over all N entries.
 # ----------------------------------------------------------------------
+@_full_precision
 def ir_loss(z, bank, idx, tau=0.07):
     """-log p(i | x, M), Eq. 6, averaged over the batch.  Returns a scalar.
 
@@ -231,6 +263,7 @@ def sample_negatives(idx, num_items, num_negatives, generator=None):
     return draw.add_(draw >= idx[:, None])  # shift past the positive: uniform over the other N - 1
 
 
+@_full_precision
 def ir_nce_loss(z, bank, idx, tau=0.07, num_negatives=4096, generator=None):
     """Eq. 6 with num_negatives uniformly sampled negatives: InfoNCE with K = num_negatives + 1.
 
@@ -301,6 +334,7 @@ def _background_set(q, bank, idx, k_background, neighbours_of):
     return neighbours, background, closeness
 
 
+@_full_precision
 def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", include_positive=True):
     """Ball Discrimination, Definition 5.2: loss = -log p(i | x, M) / p(B_i | x, M).  Returns a scalar.
 
@@ -335,6 +369,7 @@ def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", incl
     return (log_background - positive).mean()
 
 
+@_full_precision
 def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=None, neighbours_of="z",
              include_positive=True):
     """Annulus Discrimination, Definition 5.3: loss = -log p(i | x, M) / p(B_i \\ C_i | x, M).  Returns a scalar.

@@ -387,3 +387,28 @@ def test_demo_prints_the_table_and_the_checks(capsys):
     assert float(theorem_line.rsplit("difference", 1)[1]) < 1e-4
     with pytest.raises(SystemExit):
         instance_disc.main(["--k-background", "0"])
+
+
+@pytest.mark.parametrize("name", ["ir", "ir_nce", "ball", "ann"])
+def test_autocast_does_not_lower_the_precision(name):
+    # A mixed-precision trainer runs the loss inside torch.autocast; the losses switch it off.
+    z, bank, idx = problem(n=500, d=32, b=16, seed=16, noise=0.5)
+    calls = {
+        "ir": lambda z_: ir_loss(z_, bank, idx, 0.07),
+        "ir_nce": lambda z_: ir_nce_loss(z_, bank, idx, 0.07, 64, torch.Generator().manual_seed(0)),
+        "ball": lambda z_: ball_loss(z_, bank, idx, 0.07, 50),
+        "ann": lambda z_: ann_loss(z_, bank, idx, 0.07, 50, 5),
+    }
+    plain = z.clone().requires_grad_()
+    reference = calls[name](plain)
+    reference.backward()
+    mixed = z.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = calls[name](mixed)
+        loss.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(mixed.grad, plain.grad)
+    # (without the guard, bf16 matmuls move the loss by about 1e-2: checked with autocast on)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rough = (z @ bank.T).float()
+    assert float((rough - z @ bank.T).abs().max()) > 1e-3
