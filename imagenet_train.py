@@ -19,9 +19,14 @@ panels is a flag of this script; Appendix D's values are the defaults.
     python imagenet_train.py --data /imagenet --out-dir runs/x --resume
     # Figure-2-style charts from the epoch logs
     python imagenet_train.py --plot runs/*/log.jsonl --plot-out fig2.png
-    # CPU smoke run on a tiny folder, and the no-argument demo on generated images
-    python imagenet_train.py --data tiny --device cpu --image-size 32 --batch-size 16 --knn-k 10
+    # CPU smoke run on a tiny folder (OMP_NUM_THREADS=1 is fastest for 32x32 images, and on busy
+    # cores more threads can be 10x slower), and the no-argument demo on generated images
+    OMP_NUM_THREADS=1 python imagenet_train.py --data tiny --device cpu --image-size 32 \
+        --batch-size 32 --knn-k 10 --workers 0 --k-background 64 --kmeans-k 8 --n-kmeans 2
     python imagenet_train.py
+    # GPU benchmark: synthetic 224x224 batches, 200 steps of IR and of LA, a 1,281,167-row bank,
+    # one k-means of 30,000 clusters; prints images/s, peak GPU memory, k-means seconds
+    python imagenet_train.py --benchmark --device cuda
 
 Two accuracies, never to be confused (both are logged under their own names):
   knn_top1     weighted k-nearest-neighbour top-1 on val/ against the memory bank (Wu et al. 2018:
@@ -34,6 +39,7 @@ Class labels (from the folder names) are used only by these two evaluations, nev
 
 import argparse
 import contextlib
+import copy
 import datetime
 import itertools
 import json
@@ -289,11 +295,14 @@ def load_datasets(args, rank=0, world_size=1):
     sets = []
     for split, tf in (("train", train_transform(args.image_size, crop_min_scale=args.crop_min_scale,
                                                  jitter_strength=args.jitter, **views)),
-                      ("train", test_transform(args.image_size)), ("val", test_transform(args.image_size))):
+                      ("val", test_transform(args.image_size))):
         try:
             sets.append(IndexedImageFolder(os.path.join(root, split), transform=tf))
         except FileNotFoundError as err:  # a class folder without any image file
             raise ValueError(f"--data: {err}") from err
+    train_eval = copy.copy(sets[0])  # same file list (no second scan of 1.28M files), test view
+    train_eval.transform = test_transform(args.image_size)
+    sets.insert(1, train_eval)
     if not args.no_image_check:
         # Open every header (cheap: no decode) so a broken file stops us now, named, not mid-epoch.
         # Each rank checks its share; the first bad name is shared so that every rank raises the same error.
@@ -345,7 +354,8 @@ class ResNetEmbedding(nn.Module):
     """E(v(x, a)) of Eq. 6: torchvision ResNet-18 from scratch whose final layer has `dim` outputs,
     followed by L2 normalisation.  The normalisation is not optional: the bank rows are unit vectors
     (Eq. 7 re-normalises), Eq. 6's dot products are cosines only for unit z, and an unnormalised
-    output makes exp(z.M/tau) meaningless -- such a model trains but its kNN never improves."""
+    output makes exp(z.M/tau) meaningless -- such a model trains but its kNN never improves.  (The
+    losses of instance_disc.py / local_agg.py refuse non-unit z with a ValueError.)"""
 
     def __init__(self, dim=128):
         super().__init__()
@@ -643,7 +653,8 @@ def benchmark(args, device):
         if algo == "la":
             sync()
             t0 = time.time()
-            labels = run_kmeans(bank.vectors, args.kmeans_k, num_clusterings=1, seed=args.seed, verbose=False).to(device)
+            labels = run_kmeans(bank.vectors, args.kmeans_k, num_clusterings=1, seed=args.seed, verbose=False)
+            labels = labels.to(device)
             sync()
             kmeans_s = time.time() - t0
         if device.type == "cuda":
@@ -784,7 +795,8 @@ def main(argv=None):
             if ckpt["cluster_labels"] is not None:
                 cluster_labels = ckpt["cluster_labels"].to(device)
             epoch, batch_in_epoch, global_step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
-            best_knn, lr_drops, finished, warmup = ckpt["best_knn_top1"], ckpt["lr_drops"], ckpt["finished"], ckpt["warmup"]
+            best_knn, lr_drops = ckpt["best_knn_top1"], ckpt["lr_drops"]
+            finished, warmup = ckpt["finished"], ckpt["warmup"]
             if batch_in_epoch and ckpt["world_size"] != world:
                 raise ValueError(f"--resume: {ckpt_path} was saved mid-epoch by {ckpt['world_size']} processes; "
                                  f"the sampler's split depends on it, so resume with {ckpt['world_size']}, not {world}")
@@ -854,8 +866,9 @@ def main(argv=None):
                 # Eq. 8's close set C_i = rows sharing a cluster with i in any of n_kmeans clusterings.
                 t0 = time.time()
                 if master:
-                    cluster_labels = run_kmeans(bank.vectors, args.kmeans_k, args.n_kmeans, seed=args.seed + 1000 * epoch,
-                                                verbose=True).to(device=device, dtype=torch.long)
+                    cluster_labels = run_kmeans(bank.vectors, args.kmeans_k, args.n_kmeans,
+                                                seed=args.seed + 1000 * epoch, verbose=True)
+                    cluster_labels = cluster_labels.to(device=device, dtype=torch.long)  # la_loss: bank's device
                 else:
                     cluster_labels = torch.empty(args.n_kmeans, n_train, dtype=torch.long, device=device)
                 if ddp:

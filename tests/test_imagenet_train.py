@@ -120,7 +120,8 @@ def test_lesion_flags_remove_exactly_their_augmentation(data, tmp_path, lesion):
     flags = [] if lesion is None else [f"--no-{lesion}"]
     args = it.build_parser().parse_args(argv(data, tmp_path / "x", "ir", 1, 16, *flags, "--no-image-check"))
     train_set, _, _ = it.load_datasets(args)
-    present = {name for name, cls in AUG_TYPES.items() if any(isinstance(t, cls) for t in train_set.transform.transforms)}
+    ops = train_set.transform.transforms
+    present = {name for name, cls in AUG_TYPES.items() if any(isinstance(t, cls) for t in ops)}
     expected = set(AUG_TYPES) if lesion is None else (set() if lesion == "aug" else set(AUG_TYPES) - {lesion})
     assert present == expected
     torch.manual_seed(0)
@@ -196,7 +197,8 @@ def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(da
     it.main(argv(data, b, "la", 2, 16, *la, "--resume"))
     after_2 = load_ckpt(b)
     assert after_2["epoch"] == 2 and after_2["step"] == 6
-    assert torch.equal(after_2["cluster_labels"], run_kmeans(after_1["bank"]["vectors"], 4, 2, seed=1000, verbose=False))
+    expected = run_kmeans(after_1["bank"]["vectors"], 4, 2, seed=1000, verbose=False)
+    assert torch.equal(after_2["cluster_labels"], expected)
     it.main(argv(data, b, "la", 3, 16, *la, "--resume"))
     final_a, final_b = load_ckpt(tmp_path / "A"), load_ckpt(b)
     assert final_b["epoch"] == 3 and final_b["step"] == 9
@@ -205,7 +207,8 @@ def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(da
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
     assert [r["epoch"] for r in rows(b, "epoch")] == [1, 2, 3]
     assert [r["algo"] for r in rows(b, "epoch")] == ["ir", "la", "la"]
-    assert [r["train_loss"] for r in rows(b, "epoch")] == pytest.approx([r["train_loss"] for r in rows(tmp_path / "A", "epoch")])
+    losses_a = [r["train_loss"] for r in rows(tmp_path / "A", "epoch")]
+    assert [r["train_loss"] for r in rows(b, "epoch")] == pytest.approx(losses_a)
 
 
 def test_la_init_from_ir_checkpoint_clusters_the_ir_bank(data, tmp_path):
@@ -305,7 +308,8 @@ def test_torchrun_two_ranks_keep_identical_banks(data, tmp_path):
     assert bank0.shape == (45, 128) and torch.equal(bank0, bank1)
     # The sampler's padding repeat (46th slot) is trained on but not written to the bank:
     # every row got exactly one Eq. 7 update per epoch, counted over both ranks.
-    assert torch.equal(dump0["update_counts"], torch.full((45,), 2)) and torch.equal(dump1["update_counts"], dump0["update_counts"])
+    assert torch.equal(dump0["update_counts"], torch.full((45,), 2))
+    assert torch.equal(dump1["update_counts"], dump0["update_counts"])
     ckpt = load_ckpt(out)
     assert torch.equal(ckpt["bank"]["vectors"], bank0)
     assert (ckpt["epoch"], ckpt["step"]) == (2, 12)  # 6 steps per epoch on each rank
