@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import functools
 import math
+import numbers
 import time
 
 import torch
@@ -69,7 +70,7 @@ def _check_inputs(z, bank, idx, tau):
     if (not torch.is_tensor(idx) or idx.dim() != 1 or idx.shape[0] != z.shape[0]
             or idx.dtype.is_floating_point or idx.dtype == torch.bool):
         raise ValueError(f"idx must be a 1-D integer tensor [B] = [{z.shape[0]}], got {_describe(idx)}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0.0 < float(tau) < math.inf):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (0.0 < float(tau) < math.inf):
         raise ValueError(f"tau (the temperature of Eq. 6) must be a finite number > 0, got {tau!r}")
     # fp16 / bf16 are upcast to float32 (float64 inputs stay float64); a no-op for float32.
     dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
@@ -94,9 +95,9 @@ def _check_inputs(z, bank, idx, tau):
 
 
 def _check_count(value, name, low, high):
-    if isinstance(value, bool) or not isinstance(value, int) or not (low <= value <= high):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (low <= value <= high):
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return value
+    return int(value)
 
 
 def _describe(x):
@@ -254,7 +255,7 @@ def sample_negatives(idx, num_items, num_negatives, generator=None):
     may exceed N - 1.  `generator` (optional) makes the draw reproducible; the
     result lives on the generator's device (idx's device if no generator).
     """
-    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 2:
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral) or num_items < 2:
         raise ValueError(f"num_items (N) must be an integer >= 2 to have a negative, got {num_items!r}")
     _check_count(num_negatives, "num_negatives", 1, 2**31 - 1)
     device = generator.device if generator is not None else idx.device

@@ -34,6 +34,7 @@ and since old views are multiplied by c once per later step, they decay like
 
 import argparse
 import math
+import numbers
 import time
 
 import torch
@@ -76,11 +77,12 @@ class MemoryBank:
         """Eq. 7 for the rows `indices`: M[i] <- alpha*M[i] + (1-alpha)*v, then ||M[i]|| = 1.
 
         indices: integer tensor [B] (dataset index of each image in the batch).
-        vectors: [B, d], the encoder outputs E(v(x_i, a)) of this step (any
-            float dtype; detached and cast to the bank's dtype here).
+        vectors: [B, d], the encoder outputs E(v(x_i, a)) of this step, i.e.
+            the same L2-normalized z the loss saw (any float dtype; detached and
+            cast to the bank's dtype here).
         alpha:   float in [0, 1).  alpha = 0 stores exactly the newest view;
-            alpha -> 1 would never forget the random initial row (and alpha = 1
-            would never learn anything), so it is rejected.
+            alpha = 1 would keep the random initial row forever, so it is
+            rejected (Appendix D uses 0.5).
         renormalize: True (default, as every reference implementation does);
             False applies the paper's literal Eq. 7 and leaves rows off the sphere,
             only for studying Eq. 9 (the losses assume unit rows).
@@ -103,7 +105,7 @@ class MemoryBank:
         = 1.1 MB received per rank per step, plus world * B rows of Eq. 7.
         Without torch.distributed (or world size 1) there is no communication.
         """
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) < 1.0):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 <= float(alpha) < 1.0):
             raise ValueError(f"alpha (the Eq. 7 update rate) must be a float in [0, 1), got {alpha!r}")
         alpha = float(alpha)
         if not torch.is_tensor(indices) or indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
