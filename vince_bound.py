@@ -81,20 +81,14 @@ import time
 
 import torch
 
-from infonce import infonce_bound, rho_from_mi, sample_correlated_gaussians
+# The score checks, the fp16/bf16 -> fp32 upcast and the reduction are the same as for InfoNCE:
+# one copy of each, in infonce.py.
+from infonce import _at_least_fp32, _check_scores, _reduce, infonce_bound, rho_from_mi, sample_correlated_gaussians
 
 
 # ---------------------------------------------------------------------------
 # Argument checks.
 # ---------------------------------------------------------------------------
-def _check_scores(scores):
-    if not torch.is_tensor(scores) or scores.dim() != 2:
-        got = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
-        raise ValueError(f"scores must be a 2-D tensor [B, K] (column 0 = positive), got {got}")
-    if scores.shape[0] < 1 or scores.shape[1] < 1:
-        raise ValueError(f"scores must have B >= 1 rows and K >= 1 columns, got {tuple(scores.shape)}")
-
-
 def _check_row_vector(value, name, rows):
     if not torch.is_tensor(value) or value.shape != (rows,):
         got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
@@ -104,14 +98,6 @@ def _check_row_vector(value, name, rows):
 def _check_k(k):
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"K must be an integer >= 1 (the positive plus K-1 negatives), got {k}")
-
-
-def _reduce(values, reduction):
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "none":
-        return values
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
 def _log_mean_exp_term(scores, one_over_k):
@@ -140,8 +126,7 @@ def vince_bound(scores, log_weights, reduction="mean", one_over_k=True):
     """
     _check_scores(scores)
     _check_row_vector(log_weights, "log_weights", scores.shape[0])
-    if scores.dtype in (torch.float16, torch.bfloat16):   # reduce low-precision scores in fp32, as infonce.py does
-        scores = scores.float()
+    scores = _at_least_fp32(scores)   # fp16 / bf16 scores are reduced in fp32
     k = scores.shape[1]
     per_row = torch.exp(log_weights.to(scores.dtype)) * _log_mean_exp_term(scores, one_over_k) - (k - 1)
     return _reduce(per_row, reduction)
