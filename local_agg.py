@@ -56,7 +56,8 @@ import torch.nn.functional as F
 
 import faiss
 
-from instance_disc import ann_loss, ball_loss, ir_loss, make_synthetic_bank
+from instance_disc import (_background_set, _check_count, _check_inputs, _describe, _full_precision, _LogSumExp,
+                           ann_loss, ball_loss, ir_loss, make_synthetic_bank)
 
 
 # ---------------------------------------------------------------------------
@@ -185,77 +186,24 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
 
 
 # ---------------------------------------------------------------------------
-# The background set B_i, with a backward pass that touches only B_i.
-# ---------------------------------------------------------------------------
-class _SelectedSimilarities(torch.autograd.Function):
-    """s[b, j] = z[b] . bank[nbr[b, j]] for already-chosen neighbours nbr.
-
-    Forward returns the similarities that top-k already computed (no second
-    matmul).  Backward is grad_z[b] = sum_j grad[b, j] * bank[nbr[b, j]],
-    an embedding_bag over the k chosen rows: O(B k d) work and no [B, N]
-    tensor.  (Letting autograd differentiate `(z @ bank.T).topk(k)` instead
-    would scatter the gradient into a dense [B, N] zero tensor and run a
-    second [B, N] x [N, d] matmul: about 1.4x the cost of the forward pass
-    at N = 100k on a CPU, and a second [B, N] tensor in memory.)
-    The bank is a buffer: no gradient is returned for it.
-    """
-
-    @staticmethod
-    def forward(ctx, z, bank, nbr, similarities):
-        ctx.save_for_backward(bank, nbr)
-        return similarities
-
-    @staticmethod
-    def backward(ctx, grad):
-        bank, nbr = ctx.saved_tensors
-        grad_z = F.embedding_bag(nbr, bank, per_sample_weights=grad.to(bank.dtype), mode="sum")
-        return grad_z, None, None, None
-
-
-def _check_inputs(z, bank, idx, tau, k_background, neighbours_of):
-    if not torch.is_tensor(z) or z.dim() != 2 or not z.is_floating_point():
-        raise ValueError(f"z must be a 2-D float tensor [B, d], got "
-                         f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
-    if not torch.is_tensor(bank) or bank.dim() != 2 or not bank.is_floating_point():
-        raise ValueError(f"bank must be a 2-D float tensor [N, d], got "
-                         f"{tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__}")
-    if bank.shape[1] != z.shape[1]:
-        raise ValueError(f"z [B, d] and bank [N, d] must share d, got z {tuple(z.shape)} "
-                         f"and bank {tuple(bank.shape)}")
-    n = bank.shape[0]
-    if (not torch.is_tensor(idx) or idx.dim() != 1 or idx.shape[0] != z.shape[0]
-            or idx.dtype not in (torch.int64, torch.int32)):
-        raise ValueError(f"idx must be an integer tensor [B] with B={z.shape[0]}, got "
-                         f"{(idx.dtype, tuple(idx.shape)) if torch.is_tensor(idx) else type(idx).__name__}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(f"idx must lie in [0, N) = [0, {n}), got values in "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
-    if not float(tau) > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if int(k_background) != k_background or not 1 <= k_background <= n:
-        raise ValueError(f"k_background must be an integer in [1, N={n}], got {k_background}")
-    if neighbours_of not in ("z", "bank"):
-        raise ValueError(f"neighbours_of must be 'z' (LA code) or 'bank' (paper), got {neighbours_of!r}")
-    # The loss is a cosine softmax (Eq. 6 with unit vectors): it needs unit z.
-    # The tolerance catches a forgotten F.normalize but accepts unit vectors
-    # rounded to bf16 (8 mantissa bits: norms off by up to ~4e-3).
-    norms = z.detach().float().norm(dim=1)
-    tolerance = 1e-2
-    if (norms - 1).abs().max() > tolerance:
-        raise ValueError(f"z must have L2-normalized rows (|z_b| = 1 within {tolerance}); got norms in "
-                         f"[{norms.min():.4g}, {norms.max():.4g}]: apply F.normalize(z, dim=1) first")
-
-
-# ---------------------------------------------------------------------------
 # Eq. 8: the Local Aggregation loss.
 # ---------------------------------------------------------------------------
+# B_i and its logits come from instance_disc.py, so LA and BALL share one
+# implementation (Theorem 5.4 then holds to rounding: the demo prints the
+# float64 difference, ~1e-16): `_background_set` picks B_i by one top-k of the [B, N]
+# similarities and differentiates only the k chosen bank rows
+# (`_SelectedLogits`, an embedding_bag backward: no [B, N] gradient), and
+# `_LogSumExp` is the fused-softmax logsumexp.  To copy la_loss, take those
+# with it (and `_check_inputs`, `_check_count`, `_describe`, `_full_precision`).
+@_full_precision
 def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
             neighbours_of="z", include_positive=True, reduction="mean"):
     """Local Aggregation loss, -log p(C_i ∩ B_i | x_i, M) / p(B_i | x_i, M) (Eq. 8).
 
     z               [B, d] L2-normalized embeddings of one view of each image.
     bank            [N, d] memory bank (e.g. MemoryBank.vectors), unit rows.
-    idx             [B] LongTensor, each image's index into the bank.
+    idx             [B] integer tensor, each image's index into the bank, in
+                    [0, N) (IndexError otherwise, as for the instance_disc losses).
     cluster_labels  [H, N] integer tensor from run_kmeans (on the bank's device):
                     C_i = {j : labels[h, j] == labels[h, i] for some h}.
     tau             temperature of Eq. 6 (Appendix D: 0.07).
@@ -279,83 +227,64 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
     reduction       "mean" -> scalar; "none" -> [B] per-image losses.
 
     Computed in fp32 log space whatever the input dtype (exp(1 / 0.07) = 1.6e6
-    overflows fp16): the ratio is logsumexp over the masked numerator minus
-    logsumexp over B_i; there is no epsilon inside a log and no exp().
+    overflows fp16; autocast is switched off inside): the ratio is a
+    logsumexp over the masked numerator minus a logsumexp over B_i; there is
+    no epsilon inside a log and no exp().
     Memory: the [B, N] similarities (freed right after top-k, not kept for
     backward) plus O(B * k_background) tensors; no [B, N] mask is built.
     Gradients flow to z only; the bank and the labels are constants.
     """
-    _check_inputs(z, bank, idx, tau, k_background, neighbours_of)
+    z, bank, idx = _check_inputs(z, bank, idx, tau)           # fp32 (or fp64) z and bank; idx int64
     n = bank.shape[0]
+    k = _check_count(k_background, "k_background", 1, n)
+    if neighbours_of not in ("z", "bank"):
+        raise ValueError(f"neighbours_of must be 'z' (LA code) or 'bank' (paper), got {neighbours_of!r}")
     if (not torch.is_tensor(cluster_labels) or cluster_labels.dim() != 2
             or cluster_labels.shape[0] < 1 or cluster_labels.shape[1] != n
             or cluster_labels.is_floating_point() or cluster_labels.dtype == torch.bool):
         raise ValueError(f"cluster_labels must be an integer tensor [H, N] with H >= 1 and N={n} "
-                         f"(run_kmeans output), got "
-                         f"{(cluster_labels.dtype, tuple(cluster_labels.shape)) if torch.is_tensor(cluster_labels) else type(cluster_labels).__name__}")
+                         f"(run_kmeans output), got {_describe(cluster_labels)}")
     if cluster_labels.device != bank.device:
         raise ValueError(f"cluster_labels must be on the bank's device {bank.device}, got "
                          f"{cluster_labels.device}: move them once per clustering, e.g. labels.to(bank.device)")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    idx = idx.to(device=bank.device, dtype=torch.long)
-    k = int(k_background)
 
-    # fp32 log space even under autocast (float64 inputs stay float64, which
-    # lets tests run torch.autograd.gradcheck); the bank is a constant buffer.
-    dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z_fp = z.to(dtype)
-        bank_fp = bank.detach().to(dtype)        # no copy when the bank is already fp32
-        #                                          (a half-precision bank would be copied,
-        #                                          N * d * 4 bytes per call: keep it fp32)
+    # -- B_i: the k nearest bank entries and their Eq. 6 exponents
+    #    z . M[j] / tau, [B, k], differentiable w.r.t. z only.  The [B, N]
+    #    similarity matrix is freed inside.
+    q = z / tau
+    neighbours, logits, _ = _background_set(q, bank, idx, k, neighbours_of)
 
-        # -- B_i: the k nearest bank entries.  Only these [B, k] numbers and
-        #    indices survive; the [B, N] similarity matrix is freed here.
-        with torch.no_grad():
-            if neighbours_of == "z":
-                sim, nbr = (z_fp.detach() @ bank_fp.T).topk(k, dim=1, sorted=False)
-            else:
-                nbr = (bank_fp[idx] @ bank_fp.T).topk(k, dim=1, sorted=False).indices
-                sim = (z_fp.detach() @ bank_fp.T).gather(1, nbr)
-        sim = _SelectedSimilarities.apply(z_fp, bank_fp, nbr, sim)          # [B, k], grad to z
+    # -- C_i ∩ B_i: which background entries share i's cluster in ANY of
+    #    the H clusterings.  One clustering at a time keeps the extra
+    #    memory at one [B, k] label gather plus one [B, k] boolean mask.
+    #    (index_select on the flattened indices: ~5x faster on a CPU than
+    #    labels_h[nbr], which takes the general advanced-indexing path.)
+    with torch.no_grad():
+        close = torch.zeros_like(neighbours, dtype=torch.bool)                  # [B, k]
+        flat = neighbours.reshape(-1)
+        for labels_h in cluster_labels:                                         # [N] each
+            close |= labels_h.index_select(0, flat).view_as(neighbours) == labels_h[idx].unsqueeze(1)
 
-        # -- C_i ∩ B_i: which background entries share i's cluster in ANY of
-        #    the H clusterings.  One clustering at a time keeps the extra
-        #    memory at one [B, k] label gather plus one [B, k] boolean mask.
-        #    (index_select on the flattened indices: ~5x faster on a CPU than
-        #    labels_h[nbr], which takes the general advanced-indexing path.)
-        close = torch.zeros_like(nbr, dtype=torch.bool)                     # [B, k]
-        nbr_flat = nbr.reshape(-1)
-        for labels_h in cluster_labels:                                     # [N] each
-            close |= labels_h.index_select(0, nbr_flat).view_as(nbr) == labels_h[idx].unsqueeze(1)
-
-        logits = sim / tau                                                  # Eq. 6 exponents, [B, k]
-        if include_positive:
-            # One extra column for i itself, live (not -inf) only in rows
-            # where i is not already among the k nearest, so i counts once.
-            # i is always in C_i, so the column is close whenever it is live.
-            self_missing = ~(nbr == idx.unsqueeze(1)).any(dim=1, keepdim=True)   # [B, 1]
-            self_logit = (z_fp * bank_fp[idx]).sum(dim=1, keepdim=True) / tau      # [B, 1]
-            logits = torch.cat([logits, self_logit.masked_fill(~self_missing, -math.inf)], dim=1)
-            close = torch.cat([close, self_missing], dim=1)                      # [B, k+1]
-        else:
-            # Rows with an empty C_i ∩ B_i: give them the whole row as a
-            # stand-in numerator (finite, no NaN gradients) and replace their
-            # value below.
-            has_close = close.any(dim=1)
-            close = close | ~has_close.unsqueeze(1)
-
-        # -- Eq. 8 in log space.  The fixed Z of the LA code, like the true
-        #    partition sum of Eq. 6, divides numerator and denominator alike
-        #    and cancels, so neither is computed.
-        log_background = logits.logsumexp(dim=1)                            # log p(B_i) + log Z
-        log_close = logits.masked_fill(~close, -math.inf).logsumexp(dim=1)  # log p(C_i ∩ B_i) + log Z
-        per_image = log_background - log_close                              # -L^LA(x_i), >= 0
-        if not include_positive:
-            # The LA code's -log(0 + 1e-7) for an empty C_i ∩ B_i.
-            per_image = torch.where(has_close, per_image, per_image.new_tensor(-math.log(1e-7)))
-
+    # -- Eq. 8 in log space.  The fixed Z of the LA code, like the true
+    #    partition sum of Eq. 6, divides numerator and denominator alike and
+    #    cancels, so neither is computed.
+    log_background = _LogSumExp.apply(logits)                                   # log p(B_i) + log Z
+    log_close = _LogSumExp.apply(logits.masked_fill(~close, -math.inf))         # log p(C_i ∩ B_i) + log Z
+    if include_positive:
+        # Add i's own term to both sums in the rows where i is not among the
+        # k nearest, so i counts exactly once.  i is always in C_i (its label
+        # equals itself), so wherever i IS among them `close` already holds it.
+        missing = ~(neighbours == idx.unsqueeze(1)).any(dim=1)                  # [B]
+        positive = (q * bank[idx]).sum(dim=1)                                   # [B]: z . M[i] / tau
+        log_background = torch.where(missing, torch.logaddexp(log_background, positive), log_background)
+        log_close = torch.where(missing, torch.logaddexp(log_close, positive), log_close)
+    per_image = log_background - log_close                                      # -L^LA(x_i), >= 0
+    if not include_positive:
+        # An empty C_i ∩ B_i has log_close = -inf (and, from _LogSumExp, no
+        # gradient): the LA code's -log(0 + 1e-7) instead.
+        per_image = torch.where(close.any(dim=1), per_image, per_image.new_tensor(-math.log(1e-7)))
     return per_image.mean() if reduction == "mean" else per_image
 
 
