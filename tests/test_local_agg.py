@@ -287,6 +287,36 @@ def test_corollary_5_4_1_which_inequality_holds(data):
     assert (-la_j - torch.log(size_j) > -simple_j).all()
 
 
+def test_cluster_ids_of_any_integer_dtype_and_size(data):
+    """la_loss gathers the ids as int32 when they fit.  int32 or int16 labels
+    give the same loss as int64 ones, and ids that do NOT fit int32 must not
+    wrap: adding 2^32 to the ids of odd-numbered entries splits every cluster
+    in two, which a blind int32 cast would silently undo."""
+    bank, _, labels, z, idx = data
+    expected = la_loss(z, bank, idx, labels, k_background=60, reduction="none")
+    for dtype in (torch.int32, torch.int16):
+        assert torch.equal(la_loss(z, bank, idx, labels.to(dtype), k_background=60, reduction="none"), expected)
+    split = labels + 2**32 * (torch.arange(bank.shape[0]) % 2)
+    got = la_loss(z, bank, idx, split, k_background=60, include_positive=False, reduction="none")
+    assert torch.allclose(got.double(), la_code_reference(z, bank, idx, split, TAU, 60), atol=1e-5, rtol=0)
+    assert (got > expected + 1e-3).any()                           # smaller C_i: larger loss somewhere
+
+
+def test_autocast_does_not_lower_the_precision(data):
+    """Under torch.autocast (a mixed-precision trainer) la_loss still computes
+    its similarities and logsumexps in float32: same value and gradient."""
+    bank, _, labels, z, idx = data
+    plain = z.clone().requires_grad_()
+    reference = la_loss(plain, bank, idx, labels, k_background=60)
+    reference.backward()
+    mixed = z.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = la_loss(mixed, bank, idx, labels, k_background=60)
+        loss.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(mixed.grad, plain.grad)
+
+
 def test_neighbours_of_bank_versus_z(data):
     bank, _, labels, z, idx = data
     exact_views = bank[idx]
