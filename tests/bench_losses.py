@@ -22,6 +22,10 @@ B_i must do: one z @ bank.T matmul plus one top-k (unsorted) of each row.
 Target: every loss within 1.2x of it.  (IR and IR-NCE need no top-k, so
 their ratio can be below 1.)
 
+Pieces: the CPU time of the parts a step is made of (the matmul, the top-k,
+the embedding_bag backward over the B*k chosen rows, ANN's second top-k, LA's
+label gathers), so the x-floor ratios can be read as sums of them.
+
 Memory: from the torch profiler's allocation events (profile_memory=True),
 the peak that torch allocates during one step, and the peak of everything
 except the [B, N] fp32 similarities (one live [B, N] block is subtracted
@@ -65,6 +69,8 @@ parser.add_argument("--kmeans-n", type=int, default=100_000, help="rows for the 
 parser.add_argument("--kmeans-k", type=int, default=1000, help="clusters for the faiss k-means timing")
 parser.add_argument("--skip-kmeans", action="store_true", help="do not time faiss k-means")
 parser.add_argument("--skip-memory", action="store_true", help="do not profile memory")
+parser.add_argument("--skip-parts", action="store_true",
+                    help="do not time the pieces (matmul, top-k, B_i backward, ANN's second top-k) separately")
 parser.add_argument("--threads", type=int, default=None,
                     help="torch (and faiss) CPU threads; default: torch's default. On a shared machine "
                          "1 thread gives steadier figures (busy OpenMP pools stall on every small op)")
@@ -120,6 +126,39 @@ def peak_allocated_bytes(fn, similarities_bytes):
     return peak, peak_beyond
 
 
+def parts_ms(bank_vectors, raw, idx, labels, tau, k, k_close, repeats):
+    """CPU ms (median) of the pieces a step is made of, so the x-floor ratios
+    can be read as sums: the floor is the first two; every B_i loss adds the
+    embedding_bag backward over its B*k chosen rows (instance_disc.
+    _SelectedLogits); ANN adds a top-k of k_close out of the [B, k] slice; LA
+    adds the label gathers, timed as la_loss's forward with all H clusterings
+    minus with the first one only (the real code, H-1 clusterings' worth)."""
+    z = F.normalize(raw.detach(), dim=1)
+    with torch.no_grad():
+        q = raw.detach()
+        similarities = q @ bank_vectors.T
+        values, neighbours = similarities.topk(k, dim=1, sorted=False)
+        weights = torch.randn_like(values)
+        pieces = {
+            "z @ bank.T": lambda: q @ bank_vectors.T,
+            "top-k (unsorted) of [B, N]": lambda: similarities.topk(k, dim=1, sorted=False),
+            "top-k (sorted) of [B, N]": lambda: similarities.topk(k, dim=1, sorted=True),
+            "B_i backward: embedding_bag over B*k rows": lambda: F.embedding_bag(
+                neighbours, bank_vectors, per_sample_weights=weights, mode="sum"),
+            f"ANN's C_i: top-{k_close} of [B, k]": lambda: values.topk(k_close, dim=1, sorted=False),
+        }
+        out = {}
+        for name, fn in pieces.items():
+            fn()
+            out[name] = 1e3 * statistics.median(clock(fn)[1] for _ in range(repeats))
+        all_h, first_only = (lambda: la_loss(z, bank_vectors, idx, labels, tau, k)), \
+            (lambda: la_loss(z, bank_vectors, idx, labels[:1], tau, k))
+        _, all_cpu, _, first_cpu = paired_ms(all_h, first_only, repeats)
+        out[f"LA's C_i: labels of {labels.shape[0] - 1} more clusterings (la_loss H={labels.shape[0]} - H=1)"] = \
+            all_cpu - first_cpu
+    return out
+
+
 def main(args):
     torch.manual_seed(0)
     if args.threads is not None:
@@ -131,7 +170,7 @@ def main(args):
           f"H={h} repeats={args.repeats} (medians)")
     print("Timings on a shared machine are noisy; compare ratios taken in the same run.\n")
 
-    rows, memory_rows = {}, []
+    rows, memory_rows, part_rows = {}, [], {}
     for n in args.sizes:
         bank = MemoryBank(n, d, seed=0)
         num_clusters = max(2, round(n * 30_000 / 1_281_167))
@@ -168,6 +207,9 @@ def main(args):
                   f"CPU {cpu:.1f} ms = {cpu / floor_cpu:.2f} x floor ({floor_cpu:.1f} ms)", flush=True)
         floor_cpu = statistics.median(floors_cpu)
         rows.setdefault("floor: z @ bank.T + topk", {})[n] = (float("nan"), 1.0, floor_cpu, 1.0)
+        if not args.skip_parts:
+            for name, ms in parts_ms(bank.vectors, raw, idx, labels, args.tau, k, k // 10, args.repeats).items():
+                part_rows.setdefault(name, {})[n] = ms
 
         if not args.skip_memory:
             for name, loss_fn in losses.items():
@@ -190,6 +232,12 @@ def main(args):
         cells = " | ".join(f"{by_n[n][2]:.1f} ({by_n[n][3]:.2f}x)" for n in sizes)
         scale = f" | {by_n[sizes[-1]][2] / by_n[sizes[0]][2]:.1f}x |" if len(sizes) > 1 else " |"
         print(f"| {name} | {cells}{scale}")
+
+    if part_rows:
+        print("\n| piece (CPU ms, one call) | " + " | ".join(f"N={n:,}" for n in sizes) + " |")
+        print("|---|" + "---|" * len(sizes))
+        for name, by_n in part_rows.items():
+            print(f"| {name} | " + " | ".join(f"{by_n[n]:.1f}" for n in sizes) + " |")
 
     if memory_rows:
         print(f"\n| N | loss | peak allocated during a step (MiB) | peak of all but the [B,N] similarities, "
