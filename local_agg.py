@@ -280,6 +280,7 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
             labels_h = cluster_labels[h].to(compact)                            # [N]; no copy if int32
             same = labels_h.index_select(0, flat).view_as(neighbours) == own[h].unsqueeze(1)
             close = same if close is None else close.logical_or_(same)
+        del flat, same, labels_h                                                # free the int32 copies now
 
     # -- Eq. 8 in log space.  The fixed Z of the LA code, like the true
     #    partition sum of Eq. 6, divides numerator and denominator alike and
