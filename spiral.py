@@ -15,9 +15,9 @@ What happens (Sec. 4.3):
     coordinate.  eta = 0 leaves only the privileged view x itself (Sec. 4.2).
   * encoder: a 5-layer MLP with 128 hidden units and a 2-D output, so the
     representation can be drawn.
-  * objective: Instance Recognition (IR, the paper's Sec. 5.3), i.e. InfoNCE
-    (Eq. 5) between the current view of x_i and the memory-bank entry of x_i,
-    against 4096 negatives drawn from the bank.  The loss is
+  * objective: Instance Discrimination (IR, the paper's Sec. 5.3, Eq. 6), i.e.
+    InfoNCE (Eq. 5) between the current view of x_i and the memory-bank entry
+    of x_i (Eq. 7), against 4096 negatives drawn from the bank.  The loss is
     infonce.infonce_loss, which sits at log K when nothing is learned.
   * optimisation: SGD, momentum 0.9, weight decay 1e-5, batch 128, lr 0.03,
     10k iterations = 100 epochs of 12,800 points.
@@ -25,30 +25,39 @@ What happens (Sec. 4.3):
     frozen 2-D representation of the clean points predicts the spiral; its
     accuracy on a held-out test set is the quality of the representation.
 
-Choices the paper leaves open, and why they were made this way (the evidence
-is in the README and in tests/test_spiral.py):
+Choices the paper leaves open, and why they were made this way (the numbers
+are in the README; tests/test_spiral.py checks the ones marked "tested"):
   * Geometry.  Each spiral makes one full turn, its radius growing from 0.5 to
-    1.5; the second spiral is the first rotated by 180 degrees, so the two arms
-    are 0.5 apart everywhere (ARM_SPACING).  Two views of one point differ by
-    less than eta in each coordinate, so the view sets of the two spirals start
-    to overlap at eta = 0.5 / sqrt(2) = 0.35 (where the gap between the arms is
-    diagonal) and overlap everywhere at eta = 0.5: eta = 0.4 is "on the border"
-    of identifiability, as Sec. 4.3 says.  Points are uniform in angle over a
-    whole turn, which makes a linear classifier on the raw (x, y) coordinates
-    exactly useless (accuracy 0.50, tested): chance is 0.5, as in the paper,
-    and any accuracy above it is what the encoder added.
+    1.5; the second spiral is the first rotated by 180 degrees, so the arms are
+    0.5 apart (radially) everywhere.  Two views of x differ from each other by
+    less than eta per coordinate, so the view sets of the two spirals meet where
+    the arms are closer than eta in the max-norm: nowhere for eta <= 0.3, at
+    69% of the points for eta = 0.4, everywhere from eta = 0.5 on
+    (shared_view_fraction, tested).  So eta = 0.4 is "on the border" of
+    identifiability, as Sec. 4.3 puts it.  Points are uniform in angle over a
+    whole turn, which makes a linear classifier on the raw (x, y) useless
+    (accuracy 0.50, tested): chance is 0.5, as the paper assumes, and anything
+    above it is what the encoder added.  (With spirals that start at the
+    centre, or points uniform in arc length, the raw coordinates alone give a
+    linear probe 0.6-0.75, which hides the effect of the views.)
     The paper's "one spinning clockwise and one counter-clockwise" cannot be
-    literal: the mirror image of an Archimedean arm crosses it (at every half
-    turn), so two non-crossing interleaved arms are the 180-degree rotation.
-  * Representation.  IR L2-normalises the embedding (and the bank), so the 2-D
+    literal: the mirror image of an Archimedean arm crosses it every half turn,
+    so two interleaved arms that never cross are a 180-degree rotation apart.
+  * Representation.  IR L2-normalises the embedding and the bank, so the 2-D
     representation lies on the unit circle: it is an angle.  Without the
-    normalisation the critic z.m / tau is unbounded and training diverges
-    (NaN within the first run at tau = 0.07).
-  * Initialisation.  He (Kaiming) initialisation for the ReLU layers, and the
-    bank filled with the untrained encoder's embeddings of one round of views.
-    With PyTorch's default init and IR's random bank, about 1 run in 3 gets
-    stuck at a constant output (loss pinned at log K) in this 2-D setting.
-  * The transfer protocol, see transfer_accuracy().
+    normalisation the critic z.m / tau is unbounded and training diverges (NaN).
+  * Initialisation.  He (Kaiming) init for the ReLU layers, and the bank filled
+    with the untrained encoder's embeddings of one round of views instead of
+    IR's random vectors: with PyTorch's default init and a random bank, 2 of 6
+    seeds got stuck at a constant output (loss pinned at log K) at eta = 0.
+  * Learning rate.  The paper's constant 0.03 from the first step, by default.
+    Its first steps blow the output's norm up by 10x to 10^4x, depending on the
+    seed; the output is normalised, so its direction then learns at an
+    effective rate lr / |output|^2, and that accident sets the pace of the rest
+    of training (and in small settings can freeze it at log K).  --warmup 100
+    (a linear ramp over the first epoch) tames this, but moves the accuracy
+    peak from eta = 0.4 to eta = 1 (README).
+  * The transfer protocol: see transfer_accuracy().
 """
 
 import argparse
@@ -73,7 +82,7 @@ ITERS = 10_000
 BATCH_SIZE = 128
 NEGATIVES = 4096        # K - 1 in Eq. 5: "4096 negative samples drawn from the training dataset"
 LR, MOMENTUM, WEIGHT_DECAY = 0.03, 0.9, 1e-5
-WARMUP = 100            # iterations of linear learning-rate warmup (not in the paper; see train_ir)
+WARMUP = 0              # iterations of linear learning-rate warmup (0 = the paper's constant lr; see the docstring)
 TAU = 0.07              # IR's temperature (the paper does not restate it for the toy)
 ALPHA = 0.5             # Eq. 7 bank update rate, IR's default
 TURNS = 1.0
@@ -131,7 +140,7 @@ def make_encoder(hidden=128, layers=5):
 
     PyTorch's default Linear init shrinks the signal by about sqrt(6) per ReLU
     layer, so the untrained network maps every input to nearly the same output
-    (directions within ~1 degree); IR then starts right next to its collapsed
+    (directions within a degree or so); IR then starts right next to its collapsed
     fixed point (every embedding equal, loss = log K, zero gradient), and some
     seeds never leave it.  He init keeps the signal's scale through the ReLUs.
     """
@@ -155,7 +164,7 @@ def embed(encoder, points):
 
 
 # ---------------------------------------------------------------------------
-# IR with a small memory bank (Sec. 5.3, Eq. 7; memory_bank.py has the full version)
+# IR with a small memory bank (Sec. 5.3, Eqs. 6-7; memory_bank.py has the full version)
 # ---------------------------------------------------------------------------
 def ir_scores(z, bank, idx, negative_idx, tau):
     """Critic values for infonce_loss: [B, 1 + K] with the positive in column 0.
@@ -174,15 +183,21 @@ def ir_scores(z, bank, idx, negative_idx, tau):
     positive = (zt * bank[idx]).sum(dim=1, keepdim=True)        # [B, 1]
     negatives = bank[negative_idx].T.contiguous()               # [2, K]
     # zt @ negatives, written out for the 2-D case: x*x' + y*y'.  A matmul
-    # with an inner size of 2 is about 3x slower on the CPU than these two
-    # passes (addcmul fuses the add and the second product).
+    # with an inner size of 2 is 2-4x slower on the CPU (forward + backward)
+    # than these two passes (addcmul fuses the add and the second product).
     negative = torch.addcmul(zt[:, :1] * negatives[0], zt[:, 1:], negatives[1])  # [B, K]
     return torch.cat([positive, negative], dim=1)
 
 
 @torch.no_grad()
 def update_bank_(bank, idx, z, alpha):
-    """Eq. 7, in place: M[i] <- alpha * M[i] + (1 - alpha) * z_i, then re-normalised to the unit circle."""
+    """Eq. 7, in place: M[i] <- alpha * M[i] + (1 - alpha) * z_i, then re-normalised to the unit circle.
+
+    Eq. 7 as printed has no re-normalisation; IR's implementation has it, and
+    the critic z . M[j] / tau assumes unit rows (a mix of two unit vectors is
+    shorter than 1).  memory_bank.py holds the full bank; this file keeps its
+    own [N, 2] tensor so that it imports nothing that comes later in the paper.
+    """
     bank[idx] = F.normalize(alpha * bank[idx] + (1 - alpha) * z, dim=1)
 
 
@@ -201,6 +216,18 @@ def uniform_circle_loss(negatives, tau):
     return math.log1p(negatives * i0e)
 
 
+def shared_view_fraction(points, labels, eta):
+    """Sec. 4.2 identifiability, measured: the fraction of points x whose view set v_x meets the other spiral's.
+
+    v_x is the square [x, x + eta]^2, and two such squares meet exactly when
+    the points are closer than eta in the max-norm.  points [n, 2], labels [n].
+    """
+    a, b = points[labels == 0], points[labels == 1]
+    gap_ab = torch.cdist(a, b, p=float("inf")).min(dim=1).values  # each point's max-norm gap to the other spiral
+    gap_ba = torch.cdist(b, a, p=float("inf")).min(dim=1).values
+    return (torch.cat([gap_ab, gap_ba]) < eta).double().mean().item()
+
+
 def _keep_freed_memory():
     # Each step allocates and frees a few [128, 4097] tensors (2 MB each).  By
     # default glibc hands such freed blocks back to the OS, so the next step
@@ -215,7 +242,7 @@ def _keep_freed_memory():
         pass
 
 
-def check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha):
+def check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha, warmup=0):
     """Raise ValueError naming the setting (and its command-line flag) if it is out of range."""
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta (--eta / --sweep) must be a finite number >= 0 "
@@ -231,6 +258,7 @@ def check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, 
     _check_positive("tau (--tau)", tau)
     if not 0 <= alpha < 1:
         raise ValueError(f"alpha (--alpha) must be in [0, 1) (Eq. 7; 0 = the bank holds the latest view), got {alpha}")
+    _check_int("warmup (--warmup)", warmup, low=0)
 
 
 def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVES, lr=LR,
@@ -240,10 +268,12 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
 
     Returns (encoder, bank [N, 2], losses): losses is the list of per-step
     infonce_loss values (log K when nothing is learned, K = negatives + 1).
+    warmup > 0 ramps the learning rate linearly over that many iterations
+    (0, the default, is the paper's constant rate; see the module docstring).
     Prints progress (iteration, loss, rate, time left) every ~2 s if `progress`.
     """
     n = points.shape[0]
-    check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha)
+    check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha, warmup)
     _keep_freed_memory()
     torch.manual_seed(seed)                       # the encoder's initial weights
     generator = torch.Generator().manual_seed(seed + 1)  # views, shuffling, negatives
@@ -272,9 +302,9 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
         batch = slice(step * batch_size, (step + 1) * batch_size)
         idx = order[batch]
 
-        if it <= warmup:
+        if it < warmup:  # optional linear warmup (not in the paper), reaching lr at it = warmup - 1
             for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (it + 1) / warmup) if warmup else lr
+                group["lr"] = lr * (it + 1) / warmup
         z = F.normalize(encoder(views[batch]), dim=1)            # [B, 2] on the unit circle
         loss = infonce_loss(ir_scores(z, bank, idx, negative_idx[step], tau))
         optimizer.zero_grad(set_to_none=True)
@@ -360,7 +390,7 @@ def run_setting(eta, seed, args, label=""):
     encoder, _, losses = train_ir(train_points, eta, iters=args.iters, batch_size=args.batch_size,
                                   negatives=args.negatives, lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay, tau=args.tau, alpha=args.alpha,
-                                  seed=seed, device=args.device, progress=True, label=label)
+                                  warmup=args.warmup, seed=seed, device=args.device, progress=True, label=label)
     seconds = time.perf_counter() - start
     test_embedding = embed(encoder, test_points)
     accuracy = transfer_accuracy(embed(encoder, train_points), train_labels, test_embedding, test_labels)
@@ -510,6 +540,8 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="weight decay (paper: 1e-5)")
     p.add_argument("--tau", type=float, default=TAU, help="temperature of the critic z.m / tau (IR: 0.07)")
     p.add_argument("--alpha", type=float, default=ALPHA, help="memory bank update rate alpha of Eq. 7 (IR: 0.5)")
+    p.add_argument("--warmup", type=int, default=WARMUP,
+                   help=f"iterations of linear learning-rate warmup (not in the paper; 0 = constant lr from the start); default {WARMUP}")
     p.add_argument("--turns", type=float, default=TURNS, help="turns of each spiral (whole turns keep raw (x, y) at chance)")
     p.add_argument("--inner-radius", type=float, default=INNER_RADIUS, help="radius where the spirals start (they end 2 * 0.5 * turns further out)")
     p.add_argument("--out", default=None, help="figure path (default out/spiral_eta<eta>.png, or out/figure1_spiral.png with --sweep)")
@@ -531,11 +563,13 @@ def check_args(args):
         raise ValueError(f"--inner-radius must be a finite number >= 0, got {args.inner_radius}")
     for eta in etas:
         check_training_settings(args.n_train, eta, args.iters, args.batch_size, args.negatives, args.lr,
-                                args.momentum, args.weight_decay, args.tau, args.alpha)
+                                args.momentum, args.weight_decay, args.tau, args.alpha, args.warmup)
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
         raise ValueError(f"--device {args.device!r} is not a torch device: {error}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (optionally cuda:N), got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     if args.out is None:
@@ -585,11 +619,14 @@ def main(argv=None):
         results.append(r)
 
     print()
-    print(f"{'eta':>5} | {'final loss':>15} | {'transfer accuracy':>17}")
+    sample = results[0]["test_points"][:4000], results[0]["test_labels"][:4000]
+    print(f"{'eta':>5} | {'views shared':>12} | {'final loss':>15} | {'transfer accuracy':>17}")
     for eta in etas:
         loss_mean, loss_std = mean_std([r["final_loss"] for r in results if r["eta"] == eta])
         acc_mean, acc_std = mean_std([r["accuracy"] for r in results if r["eta"] == eta])
-        print(f"{eta:>5g} | {loss_mean:7.3f} +- {loss_std:5.3f} | {acc_mean:7.3f} +- {acc_std:5.3f}")
+        print(f"{eta:>5g} | {shared_view_fraction(*sample, eta):12.2f} | {loss_mean:7.3f} +- {loss_std:5.3f} | "
+              f"{acc_mean:7.3f} +- {acc_std:5.3f}")
+    print("(views shared: fraction of points whose views can also be views of the other spiral, Sec. 4.2)")
     raw_mean, raw_std = mean_std([r["raw_accuracy"] for r in results])
     print(f"linear probe on the raw (x, y) coordinates: {raw_mean:.3f} +- {raw_std:.3f} (chance for this geometry)")
     print(f"log K = {log_k:.3f} (nothing learned); uniform-circle floor = "
