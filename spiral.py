@@ -418,8 +418,8 @@ def plot_figure1(results, etas, args, path):
 
     colours = plt.cm.viridis(torch.linspace(0.0, 0.9, len(etas)).tolist())
     first_seed = min(r["seed"] for r in results)
-    fig = plt.figure(figsize=(13, 7.2))
-    grid = fig.add_gridspec(2, 3, height_ratios=[1.25, 1.0], hspace=0.35, wspace=0.3)
+    fig = plt.figure(figsize=(13, 6.6))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1.2, 1.0], hspace=0.3, wspace=0.3)
 
     # (a) the data and the views of one point
     ax = fig.add_subplot(grid[0, 0])
@@ -502,7 +502,7 @@ def plot_figure1(results, etas, args, path):
         if k == 0:
             ax.set_ylabel("(b) representation\n(direction = embedding,\nradius = |x|)", fontsize=8)
     fig.suptitle("Figure 1 (Sec. 4.3) reproduced: IR on two spirals, views v(x) = x + U(0, eta)^2", fontsize=10)
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=72, bbox_inches="tight")
     plt.close(fig)
 
 
