@@ -64,7 +64,6 @@ import argparse
 import ctypes
 import math
 import os
-import sys
 import time
 
 import torch
