@@ -55,8 +55,9 @@ are in the README; tests/test_spiral.py checks the ones marked "tested"):
     seed; the output is normalised, so its direction then learns at an
     effective rate lr / |output|^2, and that accident sets the pace of the rest
     of training (and in small settings can freeze it at log K).  --warmup 100
-    (a linear ramp over the first epoch) tames this, but moves the accuracy
-    peak from eta = 0.4 to eta = 1 (README).
+    (a linear ramp over the first epoch) tames this; over 3 seeds it raises
+    the accuracy at eta = 1 (0.58 -> 0.61) and leaves eta = 0.4 at 0.54
+    (README, "What we tried").
   * The transfer protocol: see transfer_accuracy().
 """
 
