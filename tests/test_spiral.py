@@ -98,6 +98,29 @@ def test_ir_scores_are_positive_then_negatives_over_tau():
     torch.testing.assert_close(z1.grad, z2.grad)
 
 
+def test_sgd_step_is_torch_sgd_with_momentum_and_weight_decay():
+    # The hand-written step must reproduce torch.optim.SGD (dampening 0) exactly,
+    # including the first step (buffer = gradient) and a change of lr (warmup).
+    torch.manual_seed(0)
+    ours, theirs = spiral.make_encoder(), spiral.make_encoder()
+    theirs.load_state_dict(ours.state_dict())
+    params, buffers = list(ours.parameters()), [None] * len(list(ours.parameters()))
+    initial = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(theirs.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-5)
+    x = torch.randn(64, 2)
+    for lr in (0.01, 0.02, 0.03, 0.03, 0.03):
+        for model in (ours, theirs):
+            for p in model.parameters():
+                p.grad = None
+            F.normalize(model(x), dim=1)[:, 0].sum().backward()
+        spiral.sgd_step_(params, buffers, lr, 0.9, 1e-5)
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(params, initial))  # every tensor did move
+
+
 def test_bank_update_is_eq7_renormalized_and_touches_only_its_rows():
     g = torch.Generator().manual_seed(1)
     bank = F.normalize(torch.randn(20, 2, generator=g), dim=1)
