@@ -195,7 +195,8 @@ def infonce_loss(scores, reduction="mean"):
     i.e. the negated bound shifted by the constant log K (footnote 1 of the
     paper: the constant does not change the optimum or the gradient).  This is
     the number IR / CPC code reports, and it sits at log K when nothing is
-    learned.  Stable for any score scale: only a logsumexp, no exp().
+    learned.  Stable for any score scale: a log-softmax (a shifted logsumexp),
+    never exp() of a raw score.
     fp16/bf16 scores are reduced in fp32 and the loss is fp32.
 
     Gradient: d loss / d scores[b] = (softmax(scores[b]) - e_0) / B for "mean".

@@ -36,19 +36,13 @@ def since(start):
     return wall - start[0], cpu - start[1]
 
 
-def train_rate(points, iters, threads, loss_fn=None):
-    """ms per iteration of spiral.train_ir (wall, cpu); optionally with another loss function."""
+def train_rate(points, iters, threads):
+    """ms per iteration of spiral.train_ir (wall, cpu)."""
     torch.set_num_threads(threads)
-    original = spiral.infonce_loss
-    if loss_fn is not None:
-        spiral.infonce_loss = loss_fn
-    try:
-        spiral.train_ir(points, 0.4, iters=50, progress=False)  # warm up allocator and kernels
-        start = clocks()
-        spiral.train_ir(points, 0.4, iters=iters, progress=False)
-        wall, cpu = since(start)
-    finally:
-        spiral.infonce_loss = original
+    spiral.train_ir(points, 0.4, iters=50, progress=False)  # warm up allocator and kernels
+    start = clocks()
+    spiral.train_ir(points, 0.4, iters=iters, progress=False)
+    wall, cpu = since(start)
     return 1e3 * wall / iters, 1e3 * cpu / iters
 
 
@@ -89,16 +83,11 @@ def parts(points, iters, threads):
     def loss_infonce():
         infonce_loss(scores_fixed.clone().requires_grad_()).backward()
 
-    def loss_cross_entropy():
-        s = scores_fixed.clone().requires_grad_()
-        F.cross_entropy(s, torch.zeros(batch, dtype=torch.long)).backward()
-
     timed("encoder forward+backward (B=128)", mlp)
     timed("sgd_step_ (SGD, momentum)", lambda: spiral.sgd_step_(params, buffers, 0.03, 0.9, 1e-5))
     timed("ir_scores forward+backward", scores)
     timed("  same with a matmul (inner size 2)", scores_matmul)
     timed("infonce_loss forward+backward", loss_infonce)
-    timed("  same via F.cross_entropy", loss_cross_entropy)
     return timings
 
 
@@ -109,11 +98,6 @@ def run_cli(argv):
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     return seconds, done.stdout
-
-
-def cross_entropy_loss(scores):
-    # the same number as infonce_loss (logsumexp - positive, mean over rows), fused by PyTorch
-    return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
 
 
 def main():
@@ -135,14 +119,13 @@ def main():
     print(f"\nWhole training step, spiral.train_ir over {args.iters} iterations "
           f"(ms/it wall / cpu -> seconds for the paper's 10k iterations):")
     for threads in (1, 2):
-        for name, loss_fn in (("infonce_loss", None), ("F.cross_entropy instead", cross_entropy_loss)):
-            wall, cpu = train_rate(points, args.iters, threads, loss_fn)
-            print(f"  {threads} thread(s)  {name:24s} {wall:6.3f} / {cpu:6.3f}  -> {wall * 10:5.1f} s")
+        wall, cpu = train_rate(points, args.iters, threads)
+        print(f"  {threads} thread(s)  {wall:6.3f} / {cpu:6.3f}  -> {wall * 10:5.1f} s")
 
     if args.full:
         seconds, out = run_cli(["--eta", "0.4", "--out", os.path.join("out", "bench_eta0.4.png")])
         print(f"\npython spiral.py --eta 0.4: {seconds:.1f} s wall in all (target 15 s)")
-        print("  " + [line for line in out.splitlines() if "final loss" in line][-1])
+        print("  " + [line for line in out.splitlines() if line.startswith("[") and "final loss" in line][-1])
     if args.sweep:
         seconds, out = run_cli(["--sweep", "--out", os.path.join("out", "bench_sweep.png")])
         print(f"\npython spiral.py --sweep: {seconds:.1f} s wall in all (target 120 s)")
