@@ -49,6 +49,7 @@ until its first k-means LA trains exactly as BALL.)
 import argparse
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -93,6 +94,36 @@ def faiss_has_gpu():
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+# A GPU user who installed requirements.txt has faiss-cpu: the bank lives on
+# the GPU, but k-means would run on the CPU.  At Appendix D's size (10
+# clusterings of 1,281,167 rows into 30,000 clusters, 20 iterations) that is
+# 2 * N * K * d * iterations * H = 1.97e15 flops of distance computations per
+# epoch, tens of minutes even on 16 cores.  Nothing falls back silently: the
+# first such call warns, naming the job and the fix.
+_WARNED_KMEANS_ON_CPU = False
+
+
+def kmeans_on_cpu_message(num_points, num_clusters, num_clusterings, niter=20, dim=128):
+    """The one-line warning for k-means that runs on the CPU beside a GPU bank."""
+    flops = 2.0 * num_points * num_clusters * dim * niter * num_clusterings
+    return (f"k-means on the CPU: the bank is on the GPU but this faiss build has no GPU support, so "
+            f"{num_clusterings} clustering(s) of N={num_points:,} rows into {num_clusters:,} clusters "
+            f"({flops:.2g} flops) will run on the CPU each time; install a GPU build of faiss in place of "
+            f"faiss-cpu (README, 'On a GPU': pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12)")
+
+
+def warn_if_kmeans_on_cpu(device, num_points, num_clusters, num_clusterings, niter=20, dim=128):
+    """Warn once per process when a bank on `device` (a GPU) would be clustered
+    on the CPU because faiss has no GPU.  Returns True if it warned now."""
+    global _WARNED_KMEANS_ON_CPU
+    if torch.device(device).type == "cpu" or faiss_has_gpu() or _WARNED_KMEANS_ON_CPU:
+        return False
+    _WARNED_KMEANS_ON_CPU = True
+    warnings.warn(kmeans_on_cpu_message(num_points, num_clusters, num_clusterings, niter, dim),
+                  RuntimeWarning, stacklevel=3)
+    return True
+
+
 def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
                max_points_per_centroid=None, verbose=True,
                return_objectives=False):
@@ -123,7 +154,8 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         ImageNet with 30,000 clusters has 42.7 points per centroid.
       * GPU: when faiss reports GPUs, the assignment index lives on the GPU,
         built on the one StandardGpuResources per device (see above).
-        Otherwise the CPU index (IndexFlatL2) is used.
+        Otherwise the CPU index (IndexFlatL2) is used; a bank on a GPU then
+        triggers one RuntimeWarning per process (warn_if_kmeans_on_cpu).
       * CPU threads: faiss and torch each run an OpenMP thread pool whose idle
         threads spin.  On a busy machine the two pools fight: `python
         local_agg.py` (10 clusterings of 8000 x 32 points) took 5-17 s there,
@@ -146,6 +178,7 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         raise ValueError(f"max_points_per_centroid must be None or an integer >= 1, "
                          f"got {max_points_per_centroid}")
 
+    warn_if_kmeans_on_cpu(bank.device, n, int(num_clusters), int(num_clusterings), int(niter), d)
     # faiss wants a C-contiguous float32 numpy array on the CPU (one N x d copy).
     x = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
     use_gpu = faiss_has_gpu()

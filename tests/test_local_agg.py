@@ -159,6 +159,45 @@ def test_run_kmeans_bad_inputs():
         run_kmeans(bank, 5, max_points_per_centroid=0, verbose=False)
 
 
+def test_kmeans_of_a_gpu_bank_without_gpu_faiss_warns_once(monkeypatch):
+    """A bank on a GPU with a faiss that has no GPU: the first clustering warns,
+    naming N, the clusters, the clusterings and the install fix; later ones do
+    not repeat it; a CPU bank never warns."""
+    import warnings
+
+    import local_agg
+    monkeypatch.setattr(local_agg, "faiss_has_gpu", lambda: False)
+    monkeypatch.setattr(local_agg, "_WARNED_KMEANS_ON_CPU", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not local_agg.warn_if_kmeans_on_cpu("cpu", 1_281_167, 30_000, 10)
+        assert local_agg.warn_if_kmeans_on_cpu(torch.device("cuda", 1), 1_281_167, 30_000, 10)
+        assert not local_agg.warn_if_kmeans_on_cpu("cuda", 1_281_167, 30_000, 10)
+    assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
+    text = str(caught[0].message)
+    for part in ("N=1,281,167", "30,000 clusters", "10 clustering", "CPU", "faiss-gpu"):
+        assert part in text, part
+    # 2 * N * K * d * iterations * H at Appendix D's size, d = 128, 20 iterations.
+    assert "2e+15" in text
+
+    # With a GPU faiss nothing is said.
+    monkeypatch.setattr(local_agg, "faiss_has_gpu", lambda: True)
+    monkeypatch.setattr(local_agg, "_WARNED_KMEANS_ON_CPU", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not local_agg.warn_if_kmeans_on_cpu("cuda", 100, 10, 1)
+    assert not caught
+
+
+def test_run_kmeans_passes_its_job_to_the_cpu_warning(monkeypatch):
+    import local_agg
+    seen = []
+    monkeypatch.setattr(local_agg, "warn_if_kmeans_on_cpu", lambda *a: seen.append(a))
+    bank = F.normalize(torch.randn(60, 4), dim=1)
+    run_kmeans(bank, 5, num_clusterings=2, niter=3, verbose=False)
+    assert seen == [(torch.device("cpu"), 60, 5, 2, 3, 4)]
+
+
 # ---------------------------------------------------------------------------
 # la_loss: fidelity to the LA code, and Eq. 8 itself
 # ---------------------------------------------------------------------------
