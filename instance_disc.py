@@ -92,7 +92,7 @@ def ir_loss(z, bank, idx, tau=0.07):
         if len(bank) == 0 or idx.min() < 0 or idx.max() >= len(bank):
             raise IndexError(f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}")
     dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
-    z, bank, idx = z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=True)
+    z, bank, idx = z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=bank.is_cuda)
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         logits = (z / tau) @ bank.T  # [B, N]: Eq. 6's exponents z^T M[j] / tau (dividing z, not the [B, N] product)
         return F.cross_entropy(logits, idx)  # mean of logsumexp_j logits[b, j] - logits[b, i]
@@ -117,7 +117,7 @@ def _check_inputs(z, bank, idx, tau):
         if len(bank) == 0 or idx.min() < 0 or idx.max() >= len(bank):
             raise IndexError(f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}")
     dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
-    return z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=True)
+    return z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=bank.is_cuda)
 
 
 # ----------------------------------------------------------------------
@@ -138,7 +138,7 @@ def sample_negatives(idx, num_items, num_negatives, generator=None):
     if isinstance(num_negatives, bool) or num_negatives != int(num_negatives) or not 1 <= num_negatives < 2**31:
         raise ValueError(f"num_negatives must be an integer in [1, {2**31 - 1}], got {num_negatives!r}")
     device = generator.device if generator is not None else idx.device
-    idx = idx.to(device, torch.long, non_blocking=True)
+    idx = idx.to(device, torch.long)
     draw = torch.randint(0, int(num_items) - 1, (len(idx), int(num_negatives)), generator=generator, device=device)
     return draw + (draw >= idx[:, None])  # shift past the positive: uniform over the other N - 1
 
@@ -164,14 +164,15 @@ def ir_nce_loss(z, bank, idx, tau=0.07, num_negatives=4096, generator=None):
     lemniscate (P(data) vs P(noise) with a fixed Z); that is a different
     objective, not reproduced here.  The K scores are gathered from the
     [B, N] logits (cheaper than B*K*d for the rows bank[negatives]: 537 MB at
-    B = 256, K = 4096, d = 128).  Checks and precision: module docstring.
+    B = 256, K = 4096, d = 128).  Checks and precision: module docstring; a
+    generator on another device than z costs a copy that waits for the GPU.
 
     To copy: ir_nce_loss, _check_inputs, sample_negatives
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
     if len(bank) < 2:
         raise ValueError(f"ir_nce_loss needs a bank with N >= 2 entries to draw negatives from, got N = {len(bank)}")
-    negatives = sample_negatives(idx, len(bank), num_negatives, generator).to(bank.device, non_blocking=True)
+    negatives = sample_negatives(idx, len(bank), num_negatives, generator).to(bank.device)  # [B, K-1]
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         logits = (z / tau) @ bank.T  # [B, N]: z^T M[j] / tau
         scores = logits.gather(1, torch.cat([idx[:, None], negatives], dim=1))  # [B, K], the positive in column 0

@@ -77,7 +77,9 @@ class MemoryBank:
         """Eq. 7 for the rows `indices`: M[i] <- alpha*M[i] + (1-alpha)*v, then ||M[i]|| = 1.
 
         indices: integer tensor [B] (dataset index of each image in the batch),
-            best left on the CPU where the DataLoader puts it: see "Devices".
+            best left on the CPU where the DataLoader puts it: then an update of
+            a bank on a GPU makes no host synchronization (_batch_of_every_rank).
+            Duplicates and torch.distributed: see _batch_of_every_rank.
         vectors: [B, d], the encoder outputs E(v(x_i, a)) of this step, i.e.
             the same L2-normalized z the loss saw (any float dtype and device;
             detached and cast to the bank's dtype and device here).
@@ -142,7 +144,7 @@ class MemoryBank:
         if not vectors.dtype.is_floating_point:
             raise ValueError(f"vectors must be floating point, got dtype {vectors.dtype}")
         indices = indices.detach().to("cpu", torch.long)
-        vectors = vectors.detach().to(self.vectors.device, self.vectors.dtype, non_blocking=True)
+        vectors = vectors.detach().to(self.vectors.device, self.vectors.dtype, non_blocking=self.vectors.is_cuda)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             indices, vectors = _all_gather_uneven(indices, vectors)
         # Checked after the gather so that a bad index raises on every rank at
