@@ -302,7 +302,8 @@ def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=
                 close = torch.zeros_like(neighbours, dtype=torch.bool)
                 close.scatter_(1, closeness.topk(int(k_close), dim=1, sorted=False).indices, True)
             else:  # C_i given: look each member of B_i up in the row's sorted close set (-1 pads never match)
-                members = F.pad(close_set.to(neighbours.device, torch.long), (0, 1), value=-1).sort(dim=1).values
+                members = F.pad(close_set.to(neighbours.device, torch.long, non_blocking=neighbours.is_cuda), (0, 1), value=-1)
+                members = members.sort(dim=1).values
                 close = members.gather(1, torch.searchsorted(members, neighbours).clamp_max(members.shape[1] - 1))
                 close = close == neighbours
             if include_positive:  # take i out of the annulus wherever it is; its term is added once below
