@@ -20,6 +20,13 @@ plus the Gaussian test bed with a closed-form I(X;Y) (Eq. 1), the critic that is
 optimal for it, standard errors, and a learned separable critic
 g_theta(x)^T g_phi(y) (the witness of Eq. 2 and the inductive bias of Sec. 4).
 
+Each bound is a plain function that needs nothing but torch and math: copy it
+alone (tests/test_copyable.py does, and checks value and gradient).
+Precision, one rule for every bound here: the arithmetic is float32 whatever
+the inputs are (float64 if they are float64); fp16 / bf16 scores are upcast
+inside, because a logsumexp over K terms with an 8-bit mantissa loses the
+answer.  Autograd carries the gradient back to the input's dtype.
+
 Run ``python infonce.py`` for the table of every bound against the true MI,
 ``python infonce.py --plot out/staircase.png`` for the training staircase.
 """
@@ -29,6 +36,7 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------------------
@@ -111,48 +119,6 @@ def _positive_float(text):
 
 
 # ---------------------------------------------------------------------------
-# Argument checks shared by the functions below.
-# ---------------------------------------------------------------------------
-def _check_scores(scores, name="scores"):
-    if not torch.is_tensor(scores) or scores.dim() != 2:
-        shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
-        raise ValueError(f"{name} must be a 2-D tensor [B, K] (column 0 = positive), got {shape}")
-    if not scores.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {scores.dtype}")
-    if scores.shape[1] < 1:
-        raise ValueError(f"{name} must have K >= 1 columns, got K={scores.shape[1]}")
-    if scores.shape[0] < 1:
-        raise ValueError(f"{name} must have at least one row, got B={scores.shape[0]}")
-
-
-def _check_vector(values, name, length=None):
-    # length=None: any length (the first vector of a pair sets B for the second).
-    if not torch.is_tensor(values) or values.dim() != 1 or (length is not None and values.shape[0] != length):
-        shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
-        wanted = "[B]" if length is None else f"of length B={length}"
-        raise ValueError(f"{name} must be a 1-D tensor {wanted}, got {shape}")
-    if not values.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
-
-
-def _at_least_fp32(tensor):
-    # fp16 / bf16 scores are reduced in fp32, as torch.autocast does for cross-entropy:
-    # a logsumexp over K terms in 8-bit-mantissa arithmetic loses the answer.
-    # Autograd carries the gradient back to the original dtype.
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        return tensor.float()
-    return tensor
-
-
-def _reduce(values, reduction):
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "none":
-        return values
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-
-
-# ---------------------------------------------------------------------------
 # Eq. 2: the InfoNCE lower bound, and the loss people train with.
 # ---------------------------------------------------------------------------
 def infonce_bound(scores, reduction="mean"):
@@ -160,13 +126,14 @@ def infonce_bound(scores, reduction="mean"):
 
     scores: [B, K], column 0 the positive.  Returns a scalar (reduction="mean")
     or the per-row values [B] (reduction="none").  Always <= log K, because the
-    positive's term is one of the K terms of the sum.  fp16/bf16 scores are
-    reduced in fp32 and the result is fp32.
+    positive's term is one of the K terms of the sum.  Precision: module docstring.
 
     Theorem A.3: for y_2..y_K drawn i.i.d. from p(y), independently of (x, y_1),
     the expectation of this is <= I(X;Y); with the optimal critic
     f*(x, y) = log p(y|x)/p(y) + c(x) it rises with K towards I(X;Y), but never
     above log K, so it saturates at log K when I(X;Y) > log K.
+
+    To copy: infonce_bound
     """
     # Where the paper is loose (checked in tests/test_infonce.py and the demo table):
     # * Sec. 3 calls y_{2:K} "a set of K negative samples"; there are K-1 of them
@@ -178,13 +145,16 @@ def infonce_bound(scores, reduction="mean"):
     #   the variance of its estimate".  With the optimal critic the variance is small
     #   (SE <= 0.02 nats in the demo table); what large K fixes is the bias, the cap
     #   at log K.  The high-variance estimator is NWJ (Eq. 14), see nwj_bound.
-    _check_scores(scores)
-    scores = _at_least_fp32(scores)
-    k = scores.shape[1]
+    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
+        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
     # (positive - logsumexp) is <= 0 exactly in floating point (the positive is one
     # of the summands), and adding log K keeps that order, so every row <= log K.
-    per_row = scores[:, 0] - torch.logsumexp(scores, dim=1) + math.log(k)
-    return _reduce(per_row, reduction)
+    per_row = scores[:, 0] - torch.logsumexp(scores, dim=1) + math.log(scores.shape[1])
+    return per_row.mean() if reduction == "mean" else per_row
 
 
 def infonce_loss(scores, reduction="mean"):
@@ -196,23 +166,23 @@ def infonce_loss(scores, reduction="mean"):
     paper: the constant does not change the optimum or the gradient).  This is
     the number IR / CPC code reports, and it sits at log K when nothing is
     learned.  Stable for any score scale: a log-softmax (a shifted logsumexp),
-    never exp() of a raw score.
-    fp16/bf16 scores are reduced in fp32 and the loss is fp32.
+    never exp() of a raw score.  Precision: module docstring.
 
     Gradient: d loss / d scores[b] = (softmax(scores[b]) - e_0) / B for "mean".
+
+    To copy: infonce_loss
     """
     # Footnote 1 calls the two forms (with and without 1/K) "proportional"; they
     # differ by the additive constant log K, which is what matters here: the
     # gradients are identical, and loss = log K - bound holds row by row.
-    _check_scores(scores)
-    scores = _at_least_fp32(scores)
-    # Same number as  torch.logsumexp(scores, 1) - scores[:, 0]  (the test checks
-    # both value and gradient), but cross-entropy with target 0 runs as one fused
-    # log-softmax kernel: about 2.5x faster forward+backward on small batches,
-    # which is what the 10k-step spiral toy spends its time on.
-    positive = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-    per_row = torch.nn.functional.cross_entropy(scores, positive, reduction="none")
-    return _reduce(per_row, reduction)
+    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
+        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
+    positive = torch.zeros(len(scores), dtype=torch.long, device=scores.device)  # the target class: column 0
+    return F.cross_entropy(scores, positive, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -228,11 +198,19 @@ def ba_bound(log_q_x_given_y, log_p_x, reduction="mean"):
     Lemma A.1: I(X;Y) - I_BA = E_p(y) KL(p(x|y) || q(x|y)) >= 0, so the bound is
     tight exactly when q is the true posterior.  No negatives are needed, which
     is why it needs q normalized: that is the hard part.
+
+    To copy: ba_bound
     """
-    _check_vector(log_q_x_given_y, "log_q_x_given_y")
-    _check_vector(log_p_x, "log_p_x", log_q_x_given_y.shape[0])
-    per_pair = _at_least_fp32(log_q_x_given_y) - _at_least_fp32(log_p_x)
-    return _reduce(per_pair, reduction)
+    for name, values in (("log_q_x_given_y", log_q_x_given_y), ("log_p_x", log_p_x)):
+        if not (torch.is_tensor(values) and values.dim() == 1 and values.is_floating_point()
+                and values.shape == getattr(log_q_x_given_y, "shape", None)):
+            raise ValueError(f"{name} must be a 1-D floating-point tensor [B] (the same B for both), got "
+                             f"{tuple(values.shape) if torch.is_tensor(values) else type(values).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    dtype = torch.promote_types(torch.promote_types(log_q_x_given_y.dtype, log_p_x.dtype), torch.float32)
+    per_pair = log_q_x_given_y.to(dtype) - log_p_x.to(dtype)
+    return per_pair.mean() if reduction == "mean" else per_pair
 
 
 def uba_bound(scores, log_partition, reduction="mean"):
@@ -246,11 +224,21 @@ def uba_bound(scores, log_partition, reduction="mean"):
 
     Lemma A.1: this is Eq. 12 with q(x|y) = p(x) e^{f(x,y)} / Z(y), so it is a
     bound for any f, tight when f = log p(y|x)/p(y) + c(y) (then log Z(y) = c(y)).
+
+    To copy: uba_bound
     """
-    _check_scores(scores)
-    _check_vector(log_partition, "log_partition", scores.shape[0])
-    per_row = _at_least_fp32(scores)[:, 0] - _at_least_fp32(log_partition)
-    return _reduce(per_row, reduction)
+    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
+        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (torch.is_tensor(log_partition) and log_partition.shape == scores.shape[:1]
+            and log_partition.is_floating_point()):
+        raise ValueError(f"log_partition must be a 1-D floating-point tensor of length B={len(scores)}, got "
+                         f"{tuple(log_partition.shape) if torch.is_tensor(log_partition) else type(log_partition).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    dtype = torch.promote_types(torch.promote_types(scores.dtype, log_partition.dtype), torch.float32)
+    per_row = scores[:, 0].to(dtype) - log_partition.to(dtype)
+    return per_row.mean() if reduction == "mean" else per_row
 
 
 def nwj_bound(scores, reduction="mean"):
@@ -271,18 +259,22 @@ def nwj_bound(scores, reduction="mean"):
     Its variance is the catch: Var_p(x)p(y)[e^{f-1}] = e^{2 I} - 1 for the
     optimal critic on Gaussians (see nwj_optimal_stderr), so the estimate gets
     noisy and heavy-tailed once I(X;Y) is a few nats.
+
+    To copy: nwj_bound
     """
-    _check_scores(scores)
-    k = scores.shape[1]
-    if k < 2:
-        raise ValueError(f"scores must have K >= 2 columns for nwj_bound (column 0 positive and at "
-                         f"least one negative to estimate Z(y)), got K={k}")
-    scores = _at_least_fp32(scores)
+    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and len(scores) > 0
+            and scores.shape[1] >= 2):
+        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1 and K >= 2 for nwj_bound "
+                         f"(column 0 positive, at least one negative to estimate Z(y)), "
+                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
     # e^{-1} * mean_j exp(f_j), computed through logsumexp so that it overflows only
     # when the value itself does (then the bound really is -inf in that precision).
-    second_term = torch.exp(torch.logsumexp(scores[:, 1:], dim=1) - math.log(k - 1) - 1.0)
+    second_term = torch.exp(torch.logsumexp(scores[:, 1:], dim=1) - math.log(scores.shape[1] - 1) - 1.0)
     per_row = scores[:, 0] - second_term
-    return _reduce(per_row, reduction)
+    return per_row.mean() if reduction == "mean" else per_row
 
 
 # ---------------------------------------------------------------------------

@@ -3,34 +3,41 @@
 Paper: Wu, Zhuang, Yamins, Goodman (2020), "On the Importance of Views in
 Unsupervised Representation Learning", Section 5.3.
 
-Every loss here is a plain function of tensors that needs only torch (copy it
-together with the small private helpers above it: `_check_inputs`,
-`_full_precision`, `_LogSumExp`, `_SelectedLogits`, and `_background_set`
-for BALL / ANN):
+Every loss here is a plain function of tensors.  The last line of its
+docstring names what to copy with it; tests/test_copyable.py copies exactly
+that into a namespace holding only torch, math and F and checks that the copy
+gives the same value and gradient.  The arguments:
 
     z    [B, d]  the encoder outputs E(v(x_i, a)) for one view of each image,
-                 L2-normalized (checked: a ValueError otherwise);
+                 L2-normalized;
     bank [N, d]  the memory bank M (e.g. MemoryBank.vectors), unit rows (not
-                 checked: that would cost as much as the loss); keep it in
-                 float32 (MemoryBank does): a half-precision bank is upcast,
-                 i.e. copied, on every call;
-    idx  [B]     each image's dataset index i, in [0, N) (IndexError otherwise);
+                 checked: that would cost as much as the loss);
+    idx  [B]     each image's dataset index i, in [0, N);
     tau          the temperature of Eq. 6.
 
-All losses are MINIMIZED: they are the negated objectives, loss = -L.  They
-work in log space in float32 (float64 if given float64; autocast is switched
-off inside, see `_full_precision`): exp(z^T M[j] / tau) is
-never formed, so fp16 / bf16 inputs at tau = 0.07 stay finite (exp(1/0.07) =
-1.6e6 would overflow fp16's 65504).  Gradients reach z only: the bank is a
-buffer refreshed by Eq. 7 (memory_bank.py), so it is detached here.
+All losses are MINIMIZED: they are the negated objectives, loss = -L.
+Gradients reach z only: the bank is a buffer refreshed by Eq. 7
+(memory_bank.py), so it is detached here.
+
+Precision, one rule for every loss here and for local_agg.la_loss: the
+arithmetic is float32 whatever the inputs are (float64 if z or the bank is
+float64).  fp16 / bf16 inputs are upcast inside and autocast is switched off
+inside, so a mixed-precision trainer gets the float32 loss and gradient, and
+exp(z^T M[j] / tau) is never formed (exp(1/0.07) = 1.6e6 would overflow
+fp16's 65504): everything is a logsumexp or a cross-entropy.
+
+Checks: shapes, dtypes, tau and the counts raise a ValueError naming the
+argument, on any device.  The checks that read values (unit rows of z, idx in
+[0, N) as an IndexError, close_set in range, a non-empty annulus) run for CPU
+tensors only: on a GPU they would make the host wait for the device at every
+step.  There an index out of range trips the indexing kernel's own
+device-side assert, and a non-unit z goes unnoticed.
 
 Cost: each loss builds one [B, N] tensor, the similarities z M^T / tau (the
-matmul is the work floor); everything else (top-k, masks, the positive) lives
-on [B] or [B, k] slices.  IR needs all N similarities in its backward pass.
-IR-NCE, BALL and ANN use only k of them per row, so their similarities are
-computed without autograd, the [B, N] matrix is freed right after the top-k /
-gather, and the backward pass touches only the k chosen bank rows
-(`_SelectedLogits`: O(B k d) work, no [B, N] gradient, no second matmul).
+matmul is the work floor).  IR needs all N of them in its backward pass, and
+so does IR-NCE here (autograd through a gather: simple, and within the
+benchmark's budget).  BALL, ANN and LA pick B_i with one top-k and
+differentiate through the k chosen bank rows only (`BackgroundLogits`).
 
 The constants between the code and the paper
 --------------------------------------------
@@ -45,199 +52,72 @@ The constants between the code and the paper
 """
 
 import argparse
-import contextlib
-import functools
 import math
-import numbers
 import time
 
 import torch
-
-
-# ----------------------------------------------------------------------
-# Argument checks (one host sync for all data-dependent checks).
-# ----------------------------------------------------------------------
-def _check_inputs(z, bank, idx, tau):
-    """Validate the common arguments; return (z, bank detached, both float32 or float64; idx as int64)."""
-    if not torch.is_tensor(z) or z.dim() != 2 or not z.dtype.is_floating_point:
-        raise ValueError(f"z must be a floating-point tensor [B, d], got {_describe(z)}")
-    if not torch.is_tensor(bank) or bank.dim() != 2 or not bank.dtype.is_floating_point:
-        raise ValueError(f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors), got {_describe(bank)}")
-    if z.shape[0] < 1 or bank.shape[0] < 1:
-        raise ValueError(f"need B >= 1 rows in z and N >= 1 rows in bank, got z {tuple(z.shape)}, bank {tuple(bank.shape)}")
-    if z.shape[1] != bank.shape[1]:
-        raise ValueError(f"z [B, d] and bank [N, d] must share d, got z {tuple(z.shape)} and bank {tuple(bank.shape)}")
-    if (not torch.is_tensor(idx) or idx.dim() != 1 or idx.shape[0] != z.shape[0]
-            or idx.dtype.is_floating_point or idx.dtype == torch.bool):
-        raise ValueError(f"idx must be a 1-D integer tensor [B] = [{z.shape[0]}], got {_describe(idx)}")
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (0.0 < float(tau) < math.inf):
-        raise ValueError(f"tau (the temperature of Eq. 6) must be a finite number > 0, got {tau!r}")
-    # fp16 / bf16 are upcast to float32 (float64 inputs stay float64); a no-op for float32.
-    dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
-    z32 = z.to(dtype)
-    bank32 = bank.detach().to(dtype)  # the bank is a buffer: no gradient ever flows into it
-    idx = idx.to(device=bank.device, dtype=torch.long)
-    # One host round trip for the data-dependent checks.
-    with torch.no_grad():
-        norms = z32.norm(dim=1)
-        low, high, idx_low, idx_high = torch.stack(
-            [norms.min().double(), norms.max().double(), idx.min().double(), idx.max().double()]
-        ).tolist()
-    # The check catches a forgotten F.normalize (norms far from 1) but accepts unit
-    # vectors rounded to bf16 (8 mantissa bits: norms off by up to ~4e-3), also
-    # after they are upcast to float32 -- what a mixed-precision encoder hands over.
-    tolerance = 1e-2
-    if not (abs(low - 1.0) <= tolerance and abs(high - 1.0) <= tolerance):
-        raise ValueError(
-            f"z must be L2-normalized along dim 1 (row norms within {tolerance:g} of 1), got norms in "
-            f"[{low:.4g}, {high:.4g}]; use torch.nn.functional.normalize(z, dim=1)"
-        )
-    if idx_low < 0 or idx_high >= bank.shape[0]:
-        raise IndexError(f"idx must lie in [0, N) = [0, {bank.shape[0]}), got values in [{int(idx_low)}, {int(idx_high)}]")
-    return z32, bank32, idx
-
-
-def _check_count(value, name, low, high):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (low <= value <= high):
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return int(value)
-
-
-def _describe(x):
-    return f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
-
-
-def _full_precision(loss_fn):
-    """Run a loss with autocast switched off, so its matmuls and logsumexps stay in float32.
-
-    A trainer using torch.autocast (mixed precision) would otherwise get the
-    [B, N] similarities in fp16 / bf16: at tau = 0.07 the logits reach 14.3,
-    where bf16 resolves only steps of 0.06.  Inputs of any dtype are still
-    accepted; they are upcast inside.
-    """
-
-    @functools.wraps(loss_fn)
-    def wrapper(*args, **kwargs):
-        with _no_autocast():
-            return loss_fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _no_autocast():
-    """A context that disables autocast on CUDA and on the CPU (also used in the backward passes below)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
-    stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
-    return stack
-
-
-class _SelectedLogits(torch.autograd.Function):
-    """logits[b, j] = q[b] . bank[cols[b, j]] for chosen columns, reusing values already computed.
-
-    forward(q [B, d], bank [N, d], cols [B, k], values [B, k]) returns `values`
-    (taken from a no-grad q @ bank.T, so nothing is recomputed) and records
-    that they depend on q.  backward: grad_q[b] = sum_j grad[b, j] bank[cols[b, j]],
-    an embedding_bag over the k chosen rows: O(B k d) work.  Differentiating
-    `(q @ bank.T).topk(k)` with plain autograd would instead keep the [B, N]
-    product alive, scatter the gradient into a dense [B, N] zero tensor and
-    run a second [B, N] x [N, d] matmul.  The bank gets no gradient (a buffer).
-    """
-
-    @staticmethod
-    def forward(ctx, q, bank, cols, values):
-        ctx.save_for_backward(bank, cols)
-        return values
-
-    @staticmethod
-    def backward(ctx, grad):
-        bank, cols = ctx.saved_tensors
-        with _no_autocast():
-            grad_q = torch.nn.functional.embedding_bag(cols, bank, per_sample_weights=grad.to(bank.dtype), mode="sum")
-        return grad_q, None, None, None
-
-
-class _LogSumExp(torch.autograd.Function):
-    """torch.logsumexp(x, dim=1) for x [B, k] (entries may be -inf), with a leaner pass: -> [B].
-
-    Same value and gradient as torch.logsumexp, computed through the fused
-    softmax kernel (on one CPU thread about 6x faster forward + backward at
-    [256, 4096], measured; torch.logsumexp's backward re-derives the softmax
-    in three separate passes):
-      forward:  p = softmax(x), logsumexp = max_j x_j - log max_j p_j, exact
-                because the largest probability is exp(max - logsumexp) >= 1/k
-                and never underflows;
-      backward: grad_x = grad * p, the saved softmax.
-    A row of only -inf (an empty set) gives -inf and a zero gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        largest = x.amax(dim=1)  # [B]
-        probabilities = torch.softmax(x, dim=1)  # [B, k]
-        log_sum = largest - torch.log(probabilities.amax(dim=1))
-        empty = torch.isneginf(largest)
-        if bool(empty.any()):  # softmax of an all -inf row is NaN: define the empty sum as 0
-            probabilities = probabilities.masked_fill(empty[:, None], 0.0)
-            log_sum = log_sum.masked_fill(empty, -math.inf)
-        ctx.save_for_backward(probabilities)
-        return log_sum
-
-    @staticmethod
-    def backward(ctx, grad):
-        (probabilities,) = ctx.saved_tensors
-        return grad[:, None] * probabilities
-
-
-class _LogSumExpSimilarities(torch.autograd.Function):
-    """logsumexp_j q[b] . bank[j] for every row b: [B, d], [N, d] -> [B].
-
-    The same value and gradient as autograd through torch.logsumexp(q @ bank.T,
-    dim=1), computed like `_LogSumExp` (p = softmax(q bank^T), which is Eq. 6's
-    p(j | x, M); logsumexp = max - log max p) with a backward that needs no new
-    [B, N] tensor: grad_q = grad * (p @ bank).  Measured on a CPU at N = 100k:
-    forward + backward about 15% faster than autograd through logsumexp.
-    """
-
-    @staticmethod
-    def forward(ctx, q, bank):
-        logits = q @ bank.T  # [B, N]
-        largest = logits.amax(dim=1)  # [B]
-        probabilities = torch.softmax(logits, dim=1)  # [B, N]
-        del logits  # only p is kept for the backward pass
-        log_partition = largest - torch.log(probabilities.amax(dim=1))
-        ctx.save_for_backward(probabilities, bank)
-        return log_partition
-
-    @staticmethod
-    def backward(ctx, grad):
-        probabilities, bank = ctx.saved_tensors
-        with _no_autocast():
-            return grad[:, None] * (probabilities @ bank), None
+import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------
 # Eq. 6: Instance Discrimination over all N entries.
 # ----------------------------------------------------------------------
-@_full_precision
 def ir_loss(z, bank, idx, tau=0.07):
     """-log p(i | x, M), Eq. 6, averaged over the batch.  Returns a scalar.
 
     z [B, d] (unit rows), bank [N, d], idx [B], tau > 0.
         p(i | x, M) = exp(z^T M[i] / tau) / sum_{j=1..N} exp(z^T M[j] / tau)
         loss = logsumexp_j (z^T M[j] / tau) - z^T M[i] / tau
-    The paper (Sec. 5.3): "InfoNCE and VINCE only require a LOGSUMEXP"; it is
-    computed stably (`_LogSumExpSimilarities`: max - log of the largest
-    softmax probability; nothing is exponentiated without subtracting the
-    row maximum first).  Same value as lemniscate.pytorch's full-softmax IR
-    (LinearAverage + CrossEntropyLoss).  Theorem 5.1: log N - ir_loss is
-    InfoNCE (Eq. 2) with K = N, the positive plus all N - 1 other entries.
+    i.e. the cross-entropy of the [B, N] logits with target i, as in
+    lemniscate.pytorch's full-softmax IR (LinearAverage + CrossEntropyLoss).
+    Theorem 5.1: log N - ir_loss is InfoNCE (Eq. 2) with K = N, the positive
+    plus all N - 1 other entries.  Checks and precision: module docstring.
+
+    To copy: ir_loss
     """
-    z, bank, idx = _check_inputs(z, bank, idx, tau)
-    q = z / tau  # scaling the [B, d] query, not the [B, N] product, saves a pass over N
-    log_partition = _LogSumExpSimilarities.apply(q, bank)  # [B]: logsumexp_j z^T M[j] / tau over all N
-    positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau from the [B, d] rows
-    return (log_partition - positive).mean()
+    describe = lambda x: f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__  # noqa: E731
+    if not (torch.is_tensor(z) and z.dim() == 2 and z.is_floating_point() and len(z) > 0):
+        raise ValueError(f"z must be a floating-point tensor [B, d] with B >= 1, got {describe(z)}")
+    if not (torch.is_tensor(bank) and bank.dim() == 2 and bank.is_floating_point() and bank.shape[1] == z.shape[1]):
+        raise ValueError(f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors) and z [B, d] "
+                         f"and bank must share d, got z {describe(z)}, bank {describe(bank)}")
+    if not (torch.is_tensor(idx) and idx.shape == z.shape[:1] and not idx.is_floating_point() and idx.dtype != torch.bool):
+        raise ValueError(f"idx must be a 1-D integer tensor [B] = [{len(z)}], got {describe(idx)}")
+    if isinstance(tau, bool) or not 0 < tau < math.inf:
+        raise ValueError(f"tau (the temperature of Eq. 6) must be a finite number > 0, got {tau!r}")
+    if z.device.type == "cpu":  # checks that read values: CPU only (on a GPU the host would wait for them)
+        norms = z.detach().norm(dim=1)
+        if not ((norms - 1).abs() <= 1e-2).all():  # within 1e-2 of 1: unit rows rounded to bf16 pass
+            raise ValueError(f"z must be L2-normalized (F.normalize(z, dim=1)), got norms {norms.min():.4g}..{norms.max():.4g}")
+        if len(bank) == 0 or idx.min() < 0 or idx.max() >= len(bank):
+            raise IndexError(f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}")
+    dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
+    z, bank, idx = z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=bank.is_cuda)
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        logits = (z / tau) @ bank.T  # [B, N]: Eq. 6's exponents z^T M[j] / tau (dividing z, not the [B, N] product)
+        return F.cross_entropy(logits, idx)  # mean of logsumexp_j logits[b, j] - logits[b, i]
+
+
+def _check_inputs(z, bank, idx, tau):
+    """ir_loss's checks, for the other losses: z and detached bank in float32 (float64), idx int64."""
+    describe = lambda x: f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__  # noqa: E731
+    if not (torch.is_tensor(z) and z.dim() == 2 and z.is_floating_point() and len(z) > 0):
+        raise ValueError(f"z must be a floating-point tensor [B, d] with B >= 1, got {describe(z)}")
+    if not (torch.is_tensor(bank) and bank.dim() == 2 and bank.is_floating_point() and bank.shape[1] == z.shape[1]):
+        raise ValueError(f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors) and z [B, d] "
+                         f"and bank must share d, got z {describe(z)}, bank {describe(bank)}")
+    if not (torch.is_tensor(idx) and idx.shape == z.shape[:1] and not idx.is_floating_point() and idx.dtype != torch.bool):
+        raise ValueError(f"idx must be a 1-D integer tensor [B] = [{len(z)}], got {describe(idx)}")
+    if isinstance(tau, bool) or not 0 < tau < math.inf:
+        raise ValueError(f"tau (the temperature of Eq. 6) must be a finite number > 0, got {tau!r}")
+    if z.device.type == "cpu":  # checks that read values: CPU only (on a GPU the host would wait for them)
+        norms = z.detach().norm(dim=1)
+        if not ((norms - 1).abs() <= 1e-2).all():  # within 1e-2 of 1: unit rows rounded to bf16 pass
+            raise ValueError(f"z must be L2-normalized (F.normalize(z, dim=1)), got norms {norms.min():.4g}..{norms.max():.4g}")
+        if len(bank) == 0 or idx.min() < 0 or idx.max() >= len(bank):
+            raise IndexError(f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}")
+    dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
+    return z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=bank.is_cuda)
 
 
 # ----------------------------------------------------------------------
@@ -247,104 +127,94 @@ def sample_negatives(idx, num_items, num_negatives, generator=None):
     """Uniform negatives for each row: [B] -> LongTensor [B, num_negatives], never equal to idx.
 
     Each entry is drawn i.i.d. uniformly from the N - 1 indices other than the
-    row's own idx: draw r in {0, ..., N-2} and shift r >= idx up by one.  The
-    positive is excluded because Theorem 5.1's proof samples the negatives from
-    p(x_{j != i}) = prod_{j != i} p(x_j); alias sampling over all N (lemniscate,
-    LA's IR) occasionally draws i itself, which then sits in the denominator
-    twice and is pushed away from itself.  The chance that a row draws itself
-    at least once is 1 - (1 - 1/N)^K: 0.3% at ImageNet (N = 1.28M, K = 4096),
-    but 8% for N = 50,000 and almost surely for small toy banks.
-    Draws are with replacement (i.i.d., as InfoNCE assumes), so num_negatives
-    may exceed N - 1.  `generator` (optional) makes the draw reproducible; the
-    result lives on the generator's device (idx's device if no generator).
+    row's own idx: draw r in {0, ..., N-2} and shift r >= idx up by one (why
+    not i itself: see ir_nce_loss).  With replacement (i.i.d., as InfoNCE
+    assumes), so num_negatives may exceed N - 1.  `generator` (optional) makes
+    the draw reproducible; the result lives on the generator's device (idx's
+    device if no generator).
     """
-    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral) or num_items < 2:
+    if isinstance(num_items, bool) or num_items != int(num_items) or num_items < 2:
         raise ValueError(f"num_items (N) must be an integer >= 2 to have a negative, got {num_items!r}")
-    _check_count(num_negatives, "num_negatives", 1, 2**31 - 1)
+    if isinstance(num_negatives, bool) or num_negatives != int(num_negatives) or not 1 <= num_negatives < 2**31:
+        raise ValueError(f"num_negatives must be an integer in [1, {2**31 - 1}], got {num_negatives!r}")
     device = generator.device if generator is not None else idx.device
-    idx = idx.to(device=device, dtype=torch.long)
-    draw = torch.randint(0, num_items - 1, (idx.shape[0], num_negatives), generator=generator, device=device)
-    return draw.add_(draw >= idx[:, None])  # shift past the positive: uniform over the other N - 1
+    idx = idx.to(device, torch.long)
+    draw = torch.randint(0, int(num_items) - 1, (len(idx), int(num_negatives)), generator=generator, device=device)
+    return draw + (draw >= idx[:, None])  # shift past the positive: uniform over the other N - 1
 
 
-@_full_precision
 def ir_nce_loss(z, bank, idx, tau=0.07, num_negatives=4096, generator=None):
     """Eq. 6 with num_negatives uniformly sampled negatives: InfoNCE with K = num_negatives + 1.
 
     z [B, d] (unit rows), bank [N, d] (N >= 2), idx [B].  Returns a scalar:
         loss = logsumexp(s_i, s_{n_1}, ..., s_{n_K-1}) - s_i,   s_j = z^T M[j] / tau,
-    negatives n drawn by `sample_negatives` (uniform over the other N - 1
-    entries, never i itself; see there why).  log K - loss is Eq. 2's InfoNCE
+    negatives n drawn by `sample_negatives`, uniform over the other N - 1
+    entries, never i itself: Theorem 5.1's proof samples the negatives from
+    p(x_{j != i}) = prod_{j != i} p(x_j); alias sampling over all N (lemniscate,
+    LA's IR) occasionally draws i itself, which then sits in the denominator
+    twice and is pushed away from itself.  The chance that a row draws itself
+    at least once is 1 - (1 - 1/N)^K: 0.3% at ImageNet (N = 1.28M, K = 4096),
+    but 8% for N = 50,000 and almost surely for small toy banks.
+    log K - loss is Eq. 2's InfoNCE
     estimate with the training set as the marginal, the form Theorem 5.1 reads
     IR as.  The sampled denominator has expectation exp(s_i) +
     num_negatives / (N-1) * sum_{j != i} exp(s_j), so with num_negatives = N-1
     it is IR's denominator on average (and E[ir_nce_loss] <= ir_loss, by
     Jensen).  The reference IR code instead trains the binary NCE loss of
     lemniscate (P(data) vs P(noise) with a fixed Z); that is a different
-    objective, not reproduced here.
+    objective, not reproduced here.  The K scores are gathered from the
+    [B, N] logits (cheaper than B*K*d for the rows bank[negatives]: 537 MB at
+    B = 256, K = 4096, d = 128).  Checks and precision: module docstring; a
+    generator on another device than z costs a copy that waits for the GPU.
 
-    The negatives' similarities are gathered from the [B, N] product (the same
-    work floor as the other losses) and differentiated through the K-1 sampled
-    rows only.  Computing them from the gathered rows bank[negatives] instead
-    ([B, K, d]) would need B*K*d rather than B*N*d multiply-adds but B*K*d*4
-    bytes (537 MB for B=256, K=4096, d=128).
+    To copy: ir_nce_loss, _check_inputs, sample_negatives
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
-    if bank.shape[0] < 2:
-        raise ValueError(f"ir_nce_loss needs a bank with N >= 2 entries to draw negatives from, got N = {bank.shape[0]}")
-    negatives = sample_negatives(idx, bank.shape[0], num_negatives, generator).to(bank.device)  # [B, K-1]
-    q = z / tau  # scaling the [B, d] query, not the [B, N] product
-    with torch.no_grad():
-        values = (q.detach() @ bank.T).gather(1, negatives)  # the [B, N] product is freed at once
-    negative = _SelectedLogits.apply(q, bank, negatives, values)  # [B, K-1], gradient to z only
-    positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
-    # log(exp(s_i) + sum_n exp(s_n)): the K terms of Eq. 2's sum, the positive first.
-    log_denominator = torch.logaddexp(positive, _LogSumExp.apply(negative))
-    return (log_denominator - positive).mean()
+    if len(bank) < 2:
+        raise ValueError(f"ir_nce_loss needs a bank with N >= 2 entries to draw negatives from, got N = {len(bank)}")
+    negatives = sample_negatives(idx, len(bank), num_negatives, generator).to(bank.device)  # [B, K-1]
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        logits = (z / tau) @ bank.T  # [B, N]: z^T M[j] / tau
+        scores = logits.gather(1, torch.cat([idx[:, None], negatives], dim=1))  # [B, K], the positive in column 0
+        return F.cross_entropy(scores, torch.zeros_like(idx))  # = infonce.infonce_loss(scores)
 
 
 # ----------------------------------------------------------------------
 # Definitions 5.2 and 5.3: negatives from a neighbourhood of the image.
 # ----------------------------------------------------------------------
-def _background_set(q, bank, idx, k_background, neighbours_of):
-    """The background set B_i of Definitions 5.2 / 5.3, and the logits to its members.
+class BackgroundLogits(torch.autograd.Function):
+    """logits, neighbours = BackgroundLogits.apply(q, bank, k, anchor=None): B_i, the k rows of bank nearest to
+    anchor [B, d] (None: to q), and logits[b, j] = q[b] . bank[neighbours[b, j]].  The backward goes through those
+    k rows only (embedding_bag); autograd through topk would multiply a dense [B, N] gradient by the whole bank
+    (tests/bench_losses.py, N = 100k, one CPU thread: 29 ms instead of 118 ms per step).  No gradient to bank."""
 
-    q = z / tau [B, d].  Returns (neighbours [B, k]: bank indices of B_i,
-    background [B, k]: q . M[k] for k in B_i, differentiable w.r.t. q,
-    closeness [B, k]: the similarity that ranked them, z . M[k] or M[i] . M[k]).
-
-    neighbours_of = "z": B_i = the k entries nearest to the current embedding z
-        (what the Local Aggregation code, TensorFlow and PyTorch, does: top-k of
-        z M^T).  One [B, N] product serves both the search and the loss.
-    neighbours_of = "bank": B_i = the k entries nearest to M[i], as the paper's
-        text (Sec. 5.3) defines it.  Needs a second [B, N] product (one at a
-        time, so the peak memory is unchanged, but twice the matmul time).
-        M[i] is its own nearest entry, so i is always in B_i here; with "z", i
-        is in B_i only if M[i] is among z's k nearest, typical once training
-        has aligned z with M[i] but not at the start.
-    The two coincide when z = M[i]; they differ by how far the current view has
-    moved from the stored average of past views (Eq. 9).
-    """
-    with torch.no_grad():  # [B, N] products only inside here; each is freed as soon as it is used
-        if neighbours_of == "z":
-            values, neighbours = torch.topk(q.detach() @ bank.T, k_background, dim=1, sorted=False)
-            closeness = values
-        elif neighbours_of == "bank":
-            closeness, neighbours = torch.topk(bank[idx] @ bank.T, k_background, dim=1, sorted=False)
-            values = (q.detach() @ bank.T).gather(1, neighbours)
+    @staticmethod
+    def forward(ctx, q, bank, k, anchor=None):
+        if anchor is None:
+            logits, neighbours = (q @ bank.T).topk(k, dim=1, sorted=False)
         else:
-            raise ValueError(f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}')
-    background = _SelectedLogits.apply(q, bank, neighbours, values)  # [B, k], gradient to z only
-    return neighbours, background, closeness
+            neighbours = (anchor @ bank.T).topk(k, dim=1, sorted=False).indices
+            logits = (q @ bank.T).gather(1, neighbours)
+        ctx.save_for_backward(bank, neighbours)
+        return logits, neighbours
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_neighbours):
+        bank, neighbours = ctx.saved_tensors
+        return F.embedding_bag(neighbours, bank, per_sample_weights=grad_logits, mode="sum"), None, None, None
 
 
-@_full_precision
 def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", include_positive=True):
     """Ball Discrimination, Definition 5.2: loss = -log p(i | x, M) / p(B_i | x, M).  Returns a scalar.
 
     z [B, d] (unit rows), bank [N, d], idx [B]; k_background = |B_i| in [1, N]
-    (Appendix D: 4096); neighbours_of "z" or "bank" (see `_background_set`).
-
+    (Appendix D: 4096).  B_i is the k_background entries nearest to
+      neighbours_of = "z": the current embedding z (what the Local Aggregation
+        code, TensorFlow and PyTorch, does: one [B, N] product serves both the
+        search and the loss), or
+      neighbours_of = "bank": M[i], as the paper's text (Sec. 5.3) defines it
+        (a second [B, N] product).  M[i] is its own nearest entry, so i is
+        always in B_i then; with "z" only once z has moved close to M[i].
     By Corollary 5.3.1 the softmax normalizer over all N cancels, so
         loss = logsumexp_{k in D_i} (z^T M[k] / tau) - z^T M[i] / tau.
     include_positive = True (default): D_i = B_i with i counted exactly once
@@ -359,21 +229,27 @@ def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", incl
         negative and unbounded below.  With i in B_i this equals the LA code's
         loss for C_i = {i} (Theorem 5.4), whose fixed constant Z cancels.
     With k_background = N and include_positive, ball_loss = ir_loss.
+    Checks and precision: module docstring.
+
+    To copy: ball_loss, _check_inputs, BackgroundLogits
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
-    k_background = _check_count(k_background, "k_background", 1, bank.shape[0])
-    q = z / tau
-    neighbours, background, _ = _background_set(q, bank, idx, k_background, neighbours_of)
-    positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
-    log_background = _LogSumExp.apply(background)  # [B]: log sum_{k in B_i} exp(z^T M[k] / tau)
-    if include_positive:
-        # Count i once: add its term only in rows whose B_i misses it.
-        in_background = (neighbours == idx[:, None]).any(dim=1)  # [B]
-        log_background = torch.where(in_background, log_background, torch.logaddexp(log_background, positive))
-    return (log_background - positive).mean()
+    if isinstance(k_background, bool) or k_background != int(k_background) or not 1 <= k_background <= len(bank):
+        raise ValueError(f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}")
+    if neighbours_of not in ("z", "bank"):
+        raise ValueError(f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}')
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        q = z / tau
+        anchor = None if neighbours_of == "z" else bank[idx]
+        background, neighbours = BackgroundLogits.apply(q, bank, int(k_background), anchor)  # [B, k]: z^T M[k] / tau
+        positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
+        log_background = torch.logsumexp(background, dim=1)  # log sum_{k in B_i} exp(z^T M[k] / tau)
+        if include_positive:  # count i once: add its term where B_i misses it (logaddexp(a, -inf) = a)
+            log_background = torch.logaddexp(
+                log_background, positive.masked_fill((neighbours == idx[:, None]).any(dim=1), -math.inf))
+        return (log_background - positive).mean()
 
 
-@_full_precision
 def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=None, neighbours_of="z",
              include_positive=True):
     """Annulus Discrimination, Definition 5.3: loss = -log p(i | x, M) / p(B_i \\ C_i | x, M).  Returns a scalar.
@@ -382,61 +258,63 @@ def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=
     The close set C_i, removed from the denominator (Example 2: accept a
     negative only between a lower and an upper similarity), is either
       - k_close: the k_close entries of B_i nearest to the same anchor that
-        defines B_i (z or M[i]), so B_i \\ C_i is the annulus of ranks
-        k_close+1 .. k_background.  Default (k_close=None, no close_set):
-        k_background // 10, the inner tenth, like the default inner fraction of
-        the authors' later ring code; or
+        defines B_i (z or M[i]; "bank" costs one more [B, N] product), so
+        B_i \\ C_i is the annulus of ranks k_close+1 .. k_background.  Default
+        (k_close=None, no close_set): k_background // 10, the inner tenth,
+        like the default inner fraction of the authors' later ring code; or
       - close_set: LongTensor [B, c] of bank indices per row (pad with -1), e.g.
         the members of i's clusters; then k_close must stay None.
     The paper does not say whether i belongs to C_i.  With include_positive =
     True (default) the positive is counted once in the denominator in any case
     (the VINCE form, as in `ball_loss`), so loss >= 0.  With False the
     denominator is exactly B_i \\ C_i, i included only if it lies in the
-    annulus; an empty annulus then raises ValueError (log of 0).
-    k_close = 0 gives ball_loss.
+    annulus; an empty annulus then raises ValueError (log of 0) on the CPU
+    and gives an infinite loss elsewhere.  k_close = 0 gives ball_loss.
+    Checks and precision: module docstring.
+
+    To copy: ann_loss, _check_inputs, BackgroundLogits
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
-    k_background = _check_count(k_background, "k_background", 1, bank.shape[0])
+    if isinstance(k_background, bool) or k_background != int(k_background) or not 1 <= k_background <= len(bank):
+        raise ValueError(f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}")
+    if neighbours_of not in ("z", "bank"):
+        raise ValueError(f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}')
     if close_set is not None and k_close is not None:
         raise ValueError("give either k_close (the nearest entries of B_i) or close_set (explicit C_i), not both")
     if close_set is None:
         k_close = k_background // 10 if k_close is None else k_close
-        k_close = _check_count(k_close, "k_close", 0, k_background - 1)  # keep at least one entry in the annulus
-    else:
-        if (not torch.is_tensor(close_set) or close_set.dim() != 2 or close_set.shape[0] != z.shape[0]
-                or close_set.dtype.is_floating_point or close_set.dtype == torch.bool):
-            raise ValueError(f"close_set must be an integer tensor [B, c] = [{z.shape[0]}, c] (pad with -1), "
-                             f"got {_describe(close_set)}")
-        if close_set.numel() and (int(close_set.min()) < -1 or int(close_set.max()) >= bank.shape[0]):
-            raise IndexError(f"close_set entries must lie in [0, N) = [0, {bank.shape[0]}) or be -1 (padding)")
-
-    q = z / tau
-    neighbours, background, closeness = _background_set(q, bank, idx, k_background, neighbours_of)
-    positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
-    with torch.no_grad():
-        if close_set is None:
-            # C_i = the k_close entries of B_i ranked highest by the anchor: a top-k on the [B, k] slice.
-            close = torch.zeros_like(neighbours, dtype=torch.bool)
-            if k_close > 0:
-                close.scatter_(1, torch.topk(closeness, k_close, dim=1, sorted=False).indices, True)
-        elif close_set.shape[1] == 0:
-            close = torch.zeros_like(neighbours, dtype=torch.bool)
-        else:
-            # Membership of each neighbour in the row's close set: binary search in the sorted set.
-            members = torch.sort(close_set.to(neighbours.device, torch.long), dim=1).values  # [B, c]
-            where = torch.searchsorted(members, neighbours).clamp_max(members.shape[1] - 1)  # [B, k]
-            close = members.gather(1, where) == neighbours
-    if include_positive:
-        # Take i out of the annulus wherever it is, then add its term once to every row.
-        drop = close | (neighbours == idx[:, None])  # [B, k]
-        log_annulus = _LogSumExp.apply(background.masked_fill(drop, -math.inf))  # -inf if all dropped
-        log_denominator = torch.logaddexp(log_annulus, positive)
-    else:
-        if not bool((~close).any(dim=1).all()):
-            raise ValueError("B_i \\ C_i is empty for some row (close_set covers all of B_i); "
-                             "use include_positive=True or a smaller close set")
-        log_denominator = _LogSumExp.apply(background.masked_fill(close, -math.inf))
-    return (log_denominator - positive).mean()
+        if isinstance(k_close, bool) or k_close != int(k_close) or not 0 <= k_close < k_background:
+            raise ValueError(f"k_close must be an integer in [0, {k_background - 1}], got {k_close!r}")
+    elif not (torch.is_tensor(close_set) and close_set.dim() == 2 and close_set.shape[0] == len(z)
+              and not close_set.is_floating_point() and close_set.dtype != torch.bool):
+        raise ValueError(f"close_set must be an integer tensor [B, c] = [{len(z)}, c] (pad with -1), got "
+                         f"{tuple(close_set.shape) if torch.is_tensor(close_set) else type(close_set).__name__}")
+    elif close_set.device.type == "cpu" and close_set.numel() and (close_set.min() < -1 or close_set.max() >= len(bank)):
+        raise IndexError(f"close_set entries must lie in [0, N) = [0, {len(bank)}) or be -1 (padding)")
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        q = z / tau
+        anchor = None if neighbours_of == "z" else bank[idx]
+        background, neighbours = BackgroundLogits.apply(q, bank, int(k_background), anchor)  # [B, k]: z^T M[k] / tau
+        positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
+        with torch.no_grad():
+            if close_set is None:  # C_i: the k_close members of B_i nearest to B_i's anchor (a top-k of [B, k])
+                closeness = background if anchor is None else (anchor @ bank.T).gather(1, neighbours)
+                close = torch.zeros_like(neighbours, dtype=torch.bool)
+                close.scatter_(1, closeness.topk(int(k_close), dim=1, sorted=False).indices, True)
+            else:  # C_i given: look each member of B_i up in the row's sorted close set (-1 pads never match)
+                members = F.pad(close_set.to(neighbours.device, torch.long, non_blocking=neighbours.is_cuda), (0, 1), value=-1)
+                members = members.sort(dim=1).values
+                close = members.gather(1, torch.searchsorted(members, neighbours).clamp_max(members.shape[1] - 1))
+                close = close == neighbours
+            if include_positive:  # take i out of the annulus wherever it is; its term is added once below
+                close |= neighbours == idx[:, None]
+            elif z.device.type == "cpu" and close.all(dim=1).any():
+                raise ValueError("B_i \\ C_i is empty for some row (close_set covers all of B_i); "
+                                 "use include_positive=True or a smaller close set")
+        log_annulus = torch.logsumexp(background.masked_fill(close, -math.inf), dim=1)  # log p(B_i \ C_i) + log Z
+        if include_positive:
+            log_annulus = torch.logaddexp(log_annulus, positive)
+        return (log_annulus - positive).mean()
 
 
 # ----------------------------------------------------------------------

@@ -55,10 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import faiss
-
-from instance_disc import (_background_set, _check_count, _check_inputs, _describe, _full_precision, _LogSumExp,
-                           ann_loss, ball_loss, ir_loss, make_synthetic_bank)
+# faiss is imported inside the functions that cluster (run_kmeans and its GPU helpers), so
+# `from local_agg import la_loss` works where faiss is not installed.
+from instance_disc import BackgroundLogits, _check_inputs, ann_loss, ball_loss, ir_loss, make_synthetic_bank
 
 
 # ---------------------------------------------------------------------------
@@ -84,12 +83,19 @@ _FAISS_GPU_RESOURCES = {}
 
 def faiss_gpu_resources(device=0):
     """The single faiss.StandardGpuResources of GPU `device` (created once)."""
+    import faiss
+
     if device not in _FAISS_GPU_RESOURCES:
         _FAISS_GPU_RESOURCES[device] = faiss.StandardGpuResources()
     return _FAISS_GPU_RESOURCES[device]
 
 
 def faiss_has_gpu():
+    """True if faiss is installed with GPU support and sees a GPU; False for faiss-cpu or no faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return False
     # faiss-cpu builds have neither GPU classes nor GPUs; get_num_gpus() is 0.
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -178,6 +184,11 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         raise ValueError(f"max_points_per_centroid must be None or an integer >= 1, "
                          f"got {max_points_per_centroid}")
 
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("run_kmeans needs faiss: pip install faiss-cpu (or a GPU build of faiss, see the "
+                          "README); la_loss itself does not") from None
     warn_if_kmeans_on_cpu(bank.device, n, int(num_clusters), int(num_clusterings), int(niter), d)
     # faiss wants a C-contiguous float32 numpy array on the CPU (one N x d copy).
     x = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
@@ -221,26 +232,16 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
 # ---------------------------------------------------------------------------
 # Eq. 8: the Local Aggregation loss.
 # ---------------------------------------------------------------------------
-# B_i and its logits come from instance_disc.py, so LA and BALL share one
-# implementation (Theorem 5.4 then holds to rounding: the demo prints the
-# float64 difference, ~1e-16): `_background_set` picks B_i by one top-k of the [B, N]
-# similarities and differentiates only the k chosen bank rows
-# (`_SelectedLogits`, an embedding_bag backward: no [B, N] gradient), and
-# `_LogSumExp` is the fused-softmax logsumexp.  To copy la_loss, take those
-# with it (and `_check_inputs`, `_check_count`, `_describe`, `_full_precision`).
-@_full_precision
 def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
             neighbours_of="z", include_positive=True, reduction="mean"):
     """Local Aggregation loss, -log p(C_i ∩ B_i | x_i, M) / p(B_i | x_i, M) (Eq. 8).
 
     z               [B, d] L2-normalized embeddings of one view of each image.
     bank            [N, d] memory bank (e.g. MemoryBank.vectors), unit rows.
-    idx             [B] integer tensor, each image's index into the bank, in
-                    [0, N) (IndexError otherwise, as for the instance_disc losses).
+    idx             [B] integer tensor, each image's index into the bank, in [0, N).
     cluster_labels  [H, N] integer tensor from run_kmeans (on the bank's device):
                     C_i = {j : labels[h, j] == labels[h, i] for some h}.
                     Any integer dtype; ids are only compared for equality.
-                    (int32 labels save a per-call cast of each [N] row.)
     tau             temperature of Eq. 6 (Appendix D: 0.07).
     k_background    |B_i| (Appendix D: 4096).
     neighbours_of   "z" (default): B_i = the k_background entries nearest to z,
@@ -261,79 +262,50 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
                     constant with no gradient.
     reduction       "mean" -> scalar; "none" -> [B] per-image losses.
 
-    Computed in fp32 log space whatever the input dtype (exp(1 / 0.07) = 1.6e6
-    overflows fp16; autocast is switched off inside): the ratio is a
-    logsumexp over the masked numerator minus a logsumexp over B_i; there is
-    no epsilon inside a log and no exp().
-    Memory: the [B, N] similarities (freed right after top-k, not kept for
-    backward) plus O(B * k_background) tensors; no [B, N] mask is built.
-    Gradients flow to z only; the bank and the labels are constants.
+    The ratio is a logsumexp over the masked numerator minus a logsumexp over
+    B_i: no epsilon inside a log, no exp().  Memory: the [B, N] similarities
+    (freed right after the top-k) plus a few [B, k_background] tensors; no
+    [B, N] mask.  Gradients flow to z only.  Checks and precision: as for
+    instance_disc's losses (its module docstring); cluster_labels is checked
+    for shape, dtype and device only.
+
+    To copy: la_loss, _check_inputs, BackgroundLogits
     """
-    z, bank, idx = _check_inputs(z, bank, idx, tau)           # fp32 (or fp64) z and bank; idx int64
-    n = bank.shape[0]
-    k = _check_count(k_background, "k_background", 1, n)
+    z, bank, idx = _check_inputs(z, bank, idx, tau)
+    if isinstance(k_background, bool) or k_background != int(k_background) or not 1 <= k_background <= len(bank):
+        raise ValueError(f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}")
     if neighbours_of not in ("z", "bank"):
         raise ValueError(f"neighbours_of must be 'z' (LA code) or 'bank' (paper), got {neighbours_of!r}")
-    if (not torch.is_tensor(cluster_labels) or cluster_labels.dim() != 2
-            or cluster_labels.shape[0] < 1 or cluster_labels.shape[1] != n
-            or cluster_labels.is_floating_point() or cluster_labels.dtype == torch.bool):
-        raise ValueError(f"cluster_labels must be an integer tensor [H, N] with H >= 1 and N={n} "
-                         f"(run_kmeans output), got {_describe(cluster_labels)}")
+    if not (torch.is_tensor(cluster_labels) and cluster_labels.dim() == 2 and len(cluster_labels) >= 1
+            and cluster_labels.shape[1] == len(bank) and not cluster_labels.is_floating_point()
+            and cluster_labels.dtype != torch.bool):
+        raise ValueError(f"cluster_labels must be an integer tensor [H, N] with H >= 1 and N={len(bank)} (run_kmeans "
+                         f"output), got {getattr(cluster_labels, 'shape', type(cluster_labels).__name__)}")
     if cluster_labels.device != bank.device:
-        raise ValueError(f"cluster_labels must be on the bank's device {bank.device}, got "
-                         f"{cluster_labels.device}: move them once per clustering, e.g. labels.to(bank.device)")
+        raise ValueError(f"cluster_labels must be on the bank's device {bank.device}, got {cluster_labels.device}: "
+                         f"move them once per clustering, e.g. labels.to(bank.device)")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-
-    # -- B_i: the k nearest bank entries and their Eq. 6 exponents
-    #    z . M[j] / tau, [B, k], differentiable w.r.t. z only.  The [B, N]
-    #    similarity matrix is freed inside.
-    q = z / tau
-    neighbours, logits, _ = _background_set(q, bank, idx, k, neighbours_of)
-
-    # -- C_i ∩ B_i: which background entries share i's cluster in ANY of
-    #    the H clusterings.  One clustering at a time keeps the extra memory
-    #    at one [B, k] label gather and one [B, k] boolean mask (plus the
-    #    running OR, and one [N] row of labels cast to int32: 5 MB at
-    #    ImageNet's N, about one [B, k] fp32 tensor).  The gathers move
-    #    int32, not int64: cluster ids are only compared for equality, and
-    #    run_kmeans's ids (< num_clusters <= N) always fit.  That halves the
-    #    bytes of this, the largest cost of LA beyond BALL: for H = 10,
-    #    B = 256, k = 4096 on one CPU thread 9 ms instead of 16 ms (measured).
-    #    Ids beyond int32 keep their own dtype.  (index_select on the
-    #    flattened indices: ~5x faster on a CPU than labels_h[neighbours],
-    #    which takes the general advanced-indexing path.)
-    with torch.no_grad():
-        lowest, highest = torch.stack(torch.aminmax(cluster_labels)).tolist()
-        compact = torch.int32 if -2**31 <= lowest and highest < 2**31 else cluster_labels.dtype
-        own = cluster_labels[:, idx].to(compact)                                # [H, B]: i's cluster ids
-        flat = neighbours.reshape(-1).to(torch.int32)                           # [B k]; N < 2^31 rows
-        close = None                                                            # [B, k] after the loop
-        for h in range(cluster_labels.shape[0]):
-            labels_h = cluster_labels[h].to(compact)                            # [N]; no copy if int32
-            same = labels_h.index_select(0, flat).view_as(neighbours) == own[h].unsqueeze(1)
-            close = same if close is None else close.logical_or_(same)
-        del flat, same, labels_h                                                # free the int32 copies now
-
-    # -- Eq. 8 in log space.  The fixed Z of the LA code, like the true
-    #    partition sum of Eq. 6, divides numerator and denominator alike and
-    #    cancels, so neither is computed.
-    log_background = _LogSumExp.apply(logits)                                   # log p(B_i) + log Z
-    log_close = _LogSumExp.apply(logits.masked_fill(~close, -math.inf))         # log p(C_i ∩ B_i) + log Z
-    if include_positive:
-        # Add i's own term to both sums in the rows where i is not among the
-        # k nearest, so i counts exactly once.  i is always in C_i (its label
-        # equals itself), so wherever i IS among them `close` already holds it.
-        missing = ~(neighbours == idx.unsqueeze(1)).any(dim=1)                  # [B]
-        positive = (q * bank[idx]).sum(dim=1)                                   # [B]: z . M[i] / tau
-        log_background = torch.where(missing, torch.logaddexp(log_background, positive), log_background)
-        log_close = torch.where(missing, torch.logaddexp(log_close, positive), log_close)
-    per_image = log_background - log_close                                      # -L^LA(x_i), >= 0
-    if not include_positive:
-        # An empty C_i ∩ B_i has log_close = -inf (and, from _LogSumExp, no
-        # gradient): the LA code's -log(0 + 1e-7) instead.
-        per_image = torch.where(close.any(dim=1), per_image, per_image.new_tensor(-math.log(1e-7)))
-    return per_image.mean() if reduction == "mean" else per_image
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        q = z / tau
+        anchor = None if neighbours_of == "z" else bank[idx]
+        background, neighbours = BackgroundLogits.apply(q, bank, int(k_background), anchor)  # B_i, z^T M[k] / tau
+        with torch.no_grad():  # C_i ∩ B_i: members of B_i in one of i's clusters, in any of the H clusterings
+            close = torch.zeros_like(neighbours, dtype=torch.bool)
+            for labels in cluster_labels:  # [N]: one clustering's cluster ids; gather: each row's B_i members' ids
+                close |= labels.expand(len(idx), -1).gather(1, neighbours) == labels[idx].unsqueeze(1)
+        # Eq. 8 in log space.  Eq. 6's partition sum over all N (or the LA code's fixed Z)
+        # divides numerator and denominator alike and cancels, so it is never computed.
+        log_background = torch.logsumexp(background, dim=1)                        # log p(B_i) + log Z
+        log_close = torch.logsumexp(background.masked_fill(~close, -math.inf), dim=1)  # log p(C_i ∩ B_i) + log Z
+        if include_positive:  # where B_i misses i, add i's term to both (it is in C_i); logaddexp(a, -inf) = a
+            positive = (q * bank[idx]).sum(dim=1).masked_fill((neighbours == idx[:, None]).any(dim=1), -math.inf)
+            log_background = torch.logaddexp(log_background, positive)
+            log_close = torch.logaddexp(log_close, positive)
+        per_image = log_background - log_close                                      # -L^LA(x_i), >= 0
+        if not include_positive:  # an empty C_i ∩ B_i: the LA code's -log(0 + 1e-7), no gradient
+            per_image = torch.where(close.any(dim=1), per_image, torch.full_like(per_image, -math.log(1e-7)))
+        return per_image.mean() if reduction == "mean" else per_image
 
 
 # ---------------------------------------------------------------------------
@@ -386,6 +358,8 @@ def main(argv=None):
 
     # -- Appendix D: H clusterings with different seeds.  These are tiny, so
     #    one faiss thread is fastest (see the CPU-threads note in run_kmeans).
+    import faiss
+
     faiss.omp_set_num_threads(1)
     labels, objectives = run_kmeans(bank, args.num_clusters, args.num_clusterings, seed=args.seed,
                                     return_objectives=True)

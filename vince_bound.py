@@ -81,9 +81,7 @@ import time
 
 import torch
 
-# The score checks, the fp16/bf16 -> fp32 upcast and the reduction are the same as for InfoNCE:
-# one copy of each, in infonce.py.
-from infonce import _at_least_fp32, _check_scores, _reduce, infonce_bound, rho_from_mi, sample_correlated_gaussians
+from infonce import infonce_bound, rho_from_mi, sample_correlated_gaussians
 
 
 # ---------------------------------------------------------------------------
@@ -100,14 +98,6 @@ def _check_k(k):
         raise ValueError(f"K must be an integer >= 1 (the positive plus K-1 negatives), got {k}")
 
 
-def _log_mean_exp_term(scores, one_over_k):
-    # l = f(x, y_1) - log (1/K) sum_i exp f(x, y_i)   (one_over_k=True: a = mean, Appendix B)
-    # l' = f(x, y_1) - log sum_i exp f(x, y_i)         (one_over_k=False: Eq. 3 as printed)
-    k = scores.shape[1]
-    term = scores[:, 0] - torch.logsumexp(scores, dim=1)
-    return term + math.log(k) if one_over_k else term
-
-
 # ---------------------------------------------------------------------------
 # Eq. 3 (Theorem 3.1), Eq. 4, the range of Eq. 3, and Corollary 3.1.2.
 # ---------------------------------------------------------------------------
@@ -122,22 +112,33 @@ def vince_bound(scores, log_weights, reduction="mean", one_over_k=True):
                           lower by W log K (the printed equation drops the 1/K).
     Returns the mean over rows (the estimate) or the per-row values [B].
     Its expectation is <= log K - K + 1 (<= 1 - K printed): see vince_cap.
-    Use float64 for large K: W can span hundreds of orders of magnitude.
+    Computed in float32 (float64 if given float64: use it for large K, W can span
+    hundreds of orders of magnitude); fp16 / bf16 inputs are upcast.
+
+    To copy: vince_bound
     """
-    _check_scores(scores)
-    _check_row_vector(log_weights, "log_weights", scores.shape[0])
-    scores = _at_least_fp32(scores)   # fp16 / bf16 scores are reduced in fp32
+    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
+        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (torch.is_tensor(log_weights) and log_weights.shape == scores.shape[:1]):
+        raise ValueError(f"log_weights must be a 1-D tensor with one entry per row of scores, shape ({len(scores)},), "
+                         f"got {tuple(log_weights.shape) if torch.is_tensor(log_weights) else type(log_weights).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
     k = scores.shape[1]
-    per_row = torch.exp(log_weights.to(scores.dtype)) * _log_mean_exp_term(scores, one_over_k) - (k - 1)
-    return _reduce(per_row, reduction)
+    # l = f(x, y_1) - log (1/K) sum_i exp f(x, y_i); without the 1/K (Eq. 3 as printed) it is lower by log K.
+    l = scores[:, 0] - torch.logsumexp(scores, dim=1) + (math.log(k) if one_over_k else 0.0)
+    per_row = torch.exp(log_weights.to(scores.dtype)) * l - (k - 1)
+    return per_row.mean() if reduction == "mean" else per_row
 
 
 def vince_surrogate(scores, reduction="mean"):
     """Eq. 4: f(x, y_1) - log (1/K) sum_i exp f(x, y_i), negatives from q, no weights, no -K+1.
 
-    scores: [B, K] (column 0 = positive).  This is exactly the formula of Eq. 2 (so it
-    calls infonce.infonce_bound); what differs is where the negatives came from.  It is
-    what people train with, and it is not covered by Theorem 3.1 (see (iv)).
+    scores: [B, K] (column 0 = positive).  This is exactly the formula of Eq. 2, so it
+    calls infonce.infonce_bound (copy that one); what differs is where the negatives came
+    from.  It is what people train with, and it is not covered by Theorem 3.1 (see (iv)).
     """
     return infonce_bound(scores, reduction=reduction)
 
@@ -157,24 +158,31 @@ def corollary_3_1_2_bound(scores, log_c, reduction="mean", one_over_k=True):
     """Corollary 3.1.2's claimed lower bound on VINCE:  c * l - K + 1,  c = prod_i c_i.
 
     scores: [B, K] with negatives from q;  log_c: float (or [B]) = sum_{i>=2} log inf p/q.
-    c_i <= 1 always (two normalized densities cannot have p/q > 1 everywhere).
+    c_i <= 1 always (two normalized densities cannot have p/q > 1 everywhere); log_c > 0
+    is refused for values on the CPU.  Precision as for vince_bound.
     CAUTION: the corollary's proof multiplies W >= c by l, which needs l >= 0.  Where
     l < 0 the inequality reverses: VINCE - bound = E[(W - c) l] can be negative (the
     tests exhibit this exactly), and for Eq. 3 as printed (l' <= 0 always) the
     corollary gives an upper bound on VINCE, not a lower one.  It is still below
     I(X;Y), but only because it is <= log K - K + 1 <= 0 as well.
+
+    To copy: corollary_3_1_2_bound
     """
-    _check_scores(scores)
-    log_c = torch.as_tensor(log_c, dtype=scores.dtype)
-    if log_c.dim() == 1:
-        _check_row_vector(log_c, "log_c", scores.shape[0])
-    elif log_c.dim() != 0:
-        raise ValueError(f"log_c must be a float or a [B] tensor, got shape {tuple(log_c.shape)}")
-    if (log_c > 0).any():
-        raise ValueError(f"log_c must be <= 0 (c_i = inf p/q <= 1 for normalized p, q), got max {log_c.max().item()}")
+    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
+        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
+    log_c = torch.as_tensor(log_c, dtype=scores.dtype, device=scores.device if torch.is_tensor(log_c) else "cpu")
+    if log_c.shape not in ((), scores.shape[:1]):
+        raise ValueError(f"log_c must be a float or a [B] = [{len(scores)}] tensor, got shape {tuple(log_c.shape)}")
+    if log_c.device.type == "cpu" and (log_c > 0).any():
+        raise ValueError(f"log_c must be <= 0 (c_i = inf p/q <= 1 for normalized p, q), got max {float(log_c.max())}")
     k = scores.shape[1]
-    per_row = torch.exp(log_c) * _log_mean_exp_term(scores, one_over_k) - (k - 1)
-    return _reduce(per_row.expand(scores.shape[0]), reduction)
+    l = scores[:, 0] - torch.logsumexp(scores, dim=1) + (math.log(k) if one_over_k else 0.0)  # as in vince_bound
+    per_row = (torch.exp(log_c) * l - (k - 1)).expand(len(scores))
+    return per_row.mean() if reduction == "mean" else per_row
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,10 @@ their ratio can be below 1.)
 
 Pieces: the CPU time of the parts a step is made of (the matmul, the top-k,
 the embedding_bag backward over the B*k chosen rows, ANN's second top-k, LA's
-label gathers), so the x-floor ratios can be read as sums of them.
+label gathers), so the x-floor ratios can be read as sums of them.  One more
+piece is what plain autograd through the top-k would do instead of
+instance_disc.BackgroundLogits: scatter the [B, k] gradient into a dense
+[B, N] zero tensor and multiply it by the whole bank.
 
 Memory: from the torch profiler's allocation events (profile_memory=True),
 the peak that torch allocates during one step, and the peak of everything
@@ -130,9 +133,11 @@ def parts_ms(bank_vectors, raw, idx, labels, tau, k, k_close, repeats):
     """CPU ms (median) of the pieces a step is made of, so the x-floor ratios
     can be read as sums: the floor is the first two; every B_i loss adds the
     embedding_bag backward over its B*k chosen rows (instance_disc.
-    _SelectedLogits); ANN adds a top-k of k_close out of the [B, k] slice; LA
+    BackgroundLogits); ANN adds a top-k of k_close out of the [B, k] slice; LA
     adds the label gathers, timed as la_loss's forward with all H clusterings
-    minus with the first one only (the real code, H-1 clusterings' worth)."""
+    minus with the first one only (the real code, H-1 clusterings' worth).
+    The dense backward is what autograd through the top-k would cost instead
+    of the embedding_bag."""
     z = F.normalize(raw.detach(), dim=1)
     with torch.no_grad():
         q = raw.detach()
@@ -145,6 +150,8 @@ def parts_ms(bank_vectors, raw, idx, labels, tau, k, k_close, repeats):
             "top-k (sorted) of [B, N]": lambda: similarities.topk(k, dim=1, sorted=True),
             "B_i backward: embedding_bag over B*k rows": lambda: F.embedding_bag(
                 neighbours, bank_vectors, per_sample_weights=weights, mode="sum"),
+            "B_i backward by plain autograd: dense [B, N] gradient @ bank": lambda: torch.zeros_like(
+                similarities).scatter_(1, neighbours, weights) @ bank_vectors,
             f"ANN's C_i: top-{k_close} of [B, k]": lambda: values.topk(k_close, dim=1, sorted=False),
         }
         out = {}

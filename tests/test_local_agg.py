@@ -7,6 +7,10 @@ code under test.
 """
 
 import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,7 +408,8 @@ def test_gradient_reaches_z_only_and_matches_autograd(data):
 
 
 class _LargeTensors(TorchDispatchMode):
-    """Records the shape of every op output with at least `threshold` elements."""
+    """Records the shape of every op output whose memory holds at least `threshold` elements
+    (a view such as labels.expand(B, N) allocates nothing and is not recorded)."""
 
     def __init__(self, threshold):
         super().__init__()
@@ -413,7 +418,7 @@ class _LargeTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t) and t.numel() >= self.threshold:
+            if torch.is_tensor(t) and t.untyped_storage().nbytes() >= self.threshold * t.element_size():
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
@@ -463,3 +468,41 @@ def test_la_loss_bad_inputs(data):
     # instance_disc loss (la_loss shares their argument checks).
     with pytest.raises(IndexError, match=rf"\[0, N\) = \[0, {n}\)"):
         la_loss(z, bank, idx + n, labels, k_background=10)
+
+
+# ---------------------------------------------------------------------------
+# faiss is needed for clustering only
+# ---------------------------------------------------------------------------
+def test_la_loss_works_without_faiss(data):
+    """In a fresh interpreter where `import faiss` fails (sys.modules['faiss'] = None),
+    `from local_agg import la_loss` works and gives the same loss; faiss_has_gpu()
+    says False, warn_if_kmeans_on_cpu still works, and only run_kmeans asks for faiss."""
+    bank, _, labels, z, idx = data
+    expected = la_loss(z, bank, idx, labels, k_background=60, reduction="none")
+    script = """
+import sys, warnings
+sys.modules["faiss"] = None                      # any `import faiss` now raises ImportError
+import torch
+from local_agg import faiss_has_gpu, la_loss, run_kmeans, warn_if_kmeans_on_cpu
+z, bank, idx, labels = torch.load(sys.argv[1])
+print(repr(la_loss(z, bank, idx, labels, k_background=60, reduction="none").tolist()))
+print(faiss_has_gpu())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print(warn_if_kmeans_on_cpu("cuda", 1000, 10, 1), len(caught))
+try:
+    run_kmeans(bank, 5, verbose=False)
+except ImportError as error:
+    print("ImportError:", error)
+"""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "inputs.pt"
+        torch.save((z, bank, idx, labels), path)
+        result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr
+    losses, has_gpu, warned, error = result.stdout.strip().splitlines()
+    assert torch.equal(torch.tensor(eval(losses)), expected)
+    assert has_gpu == "False"
+    assert warned == "True 1"                         # a GPU bank and no GPU faiss: the warning, once
+    assert error.startswith("ImportError:") and "faiss" in error and "pip install" in error
