@@ -24,7 +24,7 @@ so stdout holds only the JSON lines.  The checks, in order:
                      a unit-norm bank, the checkpoint and the log rows
   resume             SIGTERM in the middle of epoch 2, then --resume: the same bank and weights as an
                      uninterrupted run (bit-identical on the CPU; on the GPU within the spread that
-                     non-deterministic cuDNN kernels leave, reported)
+                     non-deterministic kernels leave between two uninterrupted runs, reported)
   torchrun           torchrun --nproc_per_node 1 over NCCL (gloo on the CPU): LA's warm-up epoch,
                      then an LA epoch whose cluster labels are broadcast
   benchmark          imagenet_train.py --benchmark: IR and LA images/s at 224 px, batch 256, a
@@ -80,7 +80,7 @@ SIZES = {
                         "--bench-steps", "200", "--kmeans-k", "1000"]),
     "cpu": dict(rows=2000, batch=32, dim=32, k_background=256, clusterings=3, clusters=20, negatives=256,
                 image_size=32, per_class=8, val_per_class=2, train_batch=8, epochs=1, workers=0,
-                train_k_background=16, train_kmeans_k=4, resume_per_class=16, resume_batch=4,
+                train_k_background=16, train_kmeans_k=4, resume_per_class=12, resume_batch=4,
                 bench=["--image-size", "32", "--batch-size", "4", "--bench-bank", "300", "--bench-steps", "2",
                        "--kmeans-k", "5", "--k-background", "16"]),
 }
@@ -318,20 +318,31 @@ def check_resume(size, device, work, log):
     with contextlib.redirect_stdout(log):
         it.main(argv("resumed") + ["--resume"])
         it.main(argv("straight"))
-    resumed = torch.load(os.path.join(work, "resumed", "ckpt.pt"), map_location="cpu")
-    straight = torch.load(os.path.join(work, "straight", "ckpt.pt"), map_location="cpu")
-    bank_diff = float((resumed["bank"]["vectors"] - straight["bank"]["vectors"]).abs().max())
-    model_diff = max(float((resumed["model"][k].float() - straight["model"][k].float()).abs().max())
-                     for k in straight["model"] if straight["model"][k].is_floating_point())
+        if device.type == "cuda":  # a second uninterrupted run: how far non-deterministic kernels alone move
+            it.main(argv("straight_again"))
+    load = {name: torch.load(os.path.join(work, name, "ckpt.pt"), map_location="cpu")
+            for name in ("resumed", "straight", "straight_again") if os.path.exists(os.path.join(work, name, "ckpt.pt"))}
+
+    def differences(a, b):
+        bank = float((a["bank"]["vectors"] - b["bank"]["vectors"]).abs().max())
+        model = max(float((a["model"][k].float() - b["model"][k].float()).abs().max())
+                    for k in b["model"] if b["model"][k].is_floating_point())
+        return bank, model
+
+    bank_diff, model_diff = differences(load["resumed"], load["straight"])
+    noise = differences(load["straight_again"], load["straight"])[0] if "straight_again" in load else 0.0
     identical = bank_diff == 0 and model_diff == 0
-    # A resume that replays other views or skips a batch moves bank rows by ~0.1-1; non-deterministic
-    # GPU kernels (cuDNN's weight gradients, atomics in index_add) leave differences far below 0.05.
-    close = bank_diff <= 0.05
+    # A resume that replays other views, or skips or repeats a batch, moves the bank rows it touches by
+    # ~0.1-1.  On the GPU, non-deterministic kernels (cuDNN weight gradients, atomics) move two
+    # uninterrupted runs apart too; the resumed run may differ by as much, within a margin.
+    limit = 0.0 if device.type == "cpu" else max(0.05, 4 * noise)
     ok = (proc.returncode == 0 and "stopped by SIGTERM" in text and stopped_at[0] == 1 and 0 < stopped_at[1] < steps
-          and resumed["step"] == straight["step"] == 2 * steps and (identical if device.type == "cpu" else close))
-    return ok, dict(stopped_at_epoch_batch=list(stopped_at), steps=resumed["step"], bit_identical=identical,
+          and load["resumed"]["step"] == load["straight"]["step"] == 2 * steps and bank_diff <= limit
+          and (identical or device.type == "cuda"))
+    return ok, dict(stopped_at_epoch_batch=list(stopped_at), steps=load["resumed"]["step"], bit_identical=identical,
                     bank_max_abs_diff=float(f"{bank_diff:.3g}"), model_max_abs_diff=float(f"{model_diff:.3g}"),
-                    rule="bit-identical" if device.type == "cpu" else "bank within 0.05",
+                    two_uninterrupted_runs_bank_diff=float(f"{noise:.3g}") if device.type == "cuda" else None,
+                    rule="bit-identical" if device.type == "cpu" else f"bank within {limit:.3g}",
                     output_tail=None if ok else text[-1500:])
 
 
@@ -367,8 +378,9 @@ def check_benchmark(size, device, log):
 
 def check_environment(device):
     import faiss
+    import torchvision
     from local_agg import faiss_has_gpu
-    info = dict(python=sys.version.split()[0], torch=torch.__version__, torchvision=__import__("torchvision").__version__,
+    info = dict(python=sys.version.split()[0], torch=torch.__version__, torchvision=torchvision.__version__,
                 cuda=torch.version.cuda, faiss=faiss.__version__, faiss_gpu=faiss_has_gpu(),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
     if device.type == "cuda":
