@@ -1,6 +1,6 @@
 """Check a GPU machine, and this code on it, in one run before a long ImageNet training.
 
-    python tests/cuda_check.py                 # a CUDA machine: sized to finish in 5 minutes on one H200
+    python tests/cuda_check.py                 # a CUDA machine: sized for under 5 minutes on one H200
     python tests/cuda_check.py --device cpu    # the same sequence at tiny sizes, under 2 minutes (CI runs it)
     python tests/cuda_check.py --only train    # rerun the checks whose names start with "train"
 
@@ -39,8 +39,12 @@ Python >= 3.10) into the git-ignored folder .whl/, carry that folder, install it
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
         && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 tests/cuda_check.py --out $OUT
 
-(The GPU faiss wheel is 135 MB, more than such a machine can be sent, so there k-means runs on
-faiss-cpu and the benchmark line says so.)
+Carry .whl/ with the working tree (18 MB of the 64 MiB a run may take), give the command a
+6-minute limit so that a second run still fits in 15 minutes of device time with the start-up, and
+read $OUT/cuda_check.jsonl and $OUT/trainer_output.log afterwards.  (The GPU faiss wheel is 135 MB,
+more than such a machine can be sent, so there k-means runs on faiss-cpu's 16 threads and the
+benchmark line says so.)  The 5 minutes are an estimate from the sizes: this script has not yet run
+on a GPU.
 """
 
 import argparse
@@ -71,10 +75,13 @@ from local_agg import la_loss  # noqa: E402
 from memory_bank import MemoryBank  # noqa: E402
 
 # Sizes per device.  cuda: the losses at a 100k-row bank and App. D's batch and |B_i|; 256 training
-# steps of each algorithm at 64 px; the benchmark at ImageNet's size.  cpu: the same, tiny.
+# steps of each algorithm at 64 px (4 epochs of 64, so 4 checkpoints); the benchmark at ImageNet's
+# size.  cpu: the same, tiny.  Estimated GPU time, from the sizes: agree and no_sync ~20 s, train
+# 8 x ~8 s, resume ~30 s, torchrun ~20 s, benchmark ~60 s (two x 205 steps of batch 256 at 224 px
+# and a 1.28M x 1,000 k-means on faiss-cpu's 16 threads), start-up ~15 s: about 3.5 minutes.
 SIZES = {
     "cuda": dict(rows=100_000, batch=256, dim=128, k_background=4096, clusterings=10, clusters=1000,
-                 negatives=4096, image_size=64, per_class=256, val_per_class=32, train_batch=32, epochs=8,
+                 negatives=4096, image_size=64, per_class=512, val_per_class=32, train_batch=32, epochs=4,
                  workers=4, train_k_background=256, train_kmeans_k=32, resume_per_class=256, resume_batch=16,
                  bench=["--image-size", "224", "--batch-size", "256", "--bench-bank", "1281167",
                         "--bench-steps", "200", "--kmeans-k", "1000"]),
