@@ -6,9 +6,12 @@ through imagenet_train.main(argv) in-process where possible (no interpreter star
 things only a real process can show (--help, SIGTERM, torchrun with two ranks) use subprocesses.
 """
 
+import gc
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -435,3 +438,194 @@ def test_benchmark_path_runs_both_algorithms_on_cpu():
     assert [r["algo"] for r in res] == ["ir", "la"]
     assert all(r["images_per_s"] > 0 and r["bank_rows"] == 300 for r in res)
     assert res[0]["kmeans_s"] is None and res[1]["kmeans_s"] >= 0 and res[1]["kmeans_clusters"] == 5
+
+
+# -----------------------------------------------------------------------------
+# User errors on the command line: one line, exit status 2, no traceback.
+# -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ir_checkpoint(data, tmp_path_factory):
+    """One epoch of IR on the 48 toy images: a real checkpoint to resume or start from."""
+    out = tmp_path_factory.mktemp("ir_run") / "ir"
+    torch.set_num_threads(1)
+    it.main(argv(data, out, "ir", 1, 16))
+    return out
+
+
+def _truncated_png(root):
+    """A PNG whose header is intact (it passes the start-up header check) but whose pixels are cut off."""
+    path = os.path.join(root, "train", "class_02", "train_2_000.png")
+    with open(path, "rb") as f:
+        head = f.read(120)
+    with open(path, "wb") as f:
+        f.write(head)
+    return path
+
+
+USER_ERRORS = {  # name: (how to break things, extra argv, regex the one line must match)
+    "flag type": (None, ["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
+    "flag choice": (None, ["--algo", "sim"], r"argument --algo: invalid choice: 'sim'"),
+    "flag range": (None, ["--alpha", "1.0"], r"--alpha must be in \[0, 1\)"),
+    "missing data": (lambda root, ckpt: shutil.rmtree(root), [], r"--data '.*/d': folder not found"),
+    "empty data": (lambda root, ckpt: [shutil.rmtree(os.path.join(root, "train")),
+                                       os.mkdir(os.path.join(root, "train"))], [], r"--data: .*/d/train is empty"),
+    "corrupt image": (lambda root, ckpt: open(os.path.join(root, "val", "class_01", "bad.png"), "wb").write(b"junk"),
+                      [], r"--data: unreadable image .*/d/val/class_01/bad\.png"),
+    "image that does not decode": (lambda root, ckpt: _truncated_png(root), [],
+                                   r"--data: unreadable image .*/d/train/class_02/train_2_000\.png .*truncated"),
+    "image that does not decode, in a worker": (lambda root, ckpt: _truncated_png(root), ["--workers", "1"],
+                                                r"--data: unreadable image .*/d/train/class_02/train_2_000\.png"),
+    "size that does not fit": (None, ["--knn-k", "200"], r"--knn-k 200 must be <= N = 48 train images"),
+    "unwritable out-dir": (None, ["--out-dir", os.path.join(REPO, "README.md", "run")],
+                           r"--out-dir '.*README\.md/run' is not a writable folder"),
+    "nothing to resume": (None, ["--resume"], r"--resume: no checkpoint at .*/out/ckpt\.pt"),
+    "resume another run": (lambda root, ckpt: shutil.copytree(ckpt, os.path.join(os.path.dirname(root), "out")),
+                           ["--resume", "--algo", "ball"],
+                           r"--resume: .*/out/ckpt\.pt is another run's checkpoint: it has --algo ir; this run has "
+                           r"--algo ball"),
+    "corrupt checkpoint": (lambda root, ckpt: (os.makedirs(os.path.join(os.path.dirname(root), "out")),
+                                               open(os.path.join(os.path.dirname(root), "out", "ckpt.pt"), "wb")
+                                               .write(b"not a checkpoint")),
+                           ["--resume"], r"--resume: cannot read .*/out/ckpt\.pt \("),
+    "init-from missing": (None, ["--algo", "la", "--init-from", "/nonexistent/ckpt.pt"],
+                          r"--init-from: no checkpoint at /nonexistent/ckpt\.pt"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_are_one_line_with_exit_status_2(data, ir_checkpoint, tmp_path, capsys, monkeypatch, case):
+    damage, extra, message = USER_ERRORS[case]
+    # After a worker's exception, torch's DataLoader waits this long (5 s) for the worker to exit when
+    # it is collected; shorten it here so the wait does not land in the test time.
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2, raising=False)
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    if damage:
+        damage(str(root), str(ir_checkpoint))
+    capsys.readouterr()
+    assert it.command_line(argv(root, tmp_path / "out", "ir", 1, 16) + extra) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err  # exactly one line
+    assert err.startswith("imagenet_train.py: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+    if case not in ("resume another run", "corrupt checkpoint"):
+        assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    gc.collect()  # the failed run's DataLoader workers, while the short wait is in place
+
+
+def test_plot_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "log.jsonl"
+    bad.write_text('{"kind": "config"}\nnot json\n')
+    for paths, message in (([str(tmp_path / "missing.jsonl")], r"--plot: cannot read .*missing\.jsonl"),
+                           ([str(bad)], r"--plot: .*log\.jsonl line 2 is not JSON")):
+        assert it.command_line(["--plot", *paths, "--plot-out", str(tmp_path / "f.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_command_line_process_exits_2_without_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
+    res = subprocess.run([sys.executable, "imagenet_train.py", "--data", str(tmp_path / "none"), "--device", "cpu"],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"imagenet_train.py: error: --data '{tmp_path / 'none'}': folder not found\n"
+    # A ValueError that is not a UserError is a bug: command_line lets it through with its traceback.
+    monkeypatch.setattr(it, "check_args", lambda args, world: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        it.command_line(["--data", str(tmp_path), "--device", "cpu"])
+
+
+# -----------------------------------------------------------------------------
+# Defaults that depend on the data adapt and say so; typed values do not.
+# -----------------------------------------------------------------------------
+def test_largest_fitting_batch():
+    assert it.largest_fitting_batch(48, 1, 32, 256) == 48
+    assert it.largest_fitting_batch(1000, 1, 224, 256) == 256
+    assert it.largest_fitting_batch(45, 2, 32, 256) == 42  # 44 would leave each rank a last batch of one
+    assert it.largest_fitting_batch(45, 2, 64, 256) == 44  # from 64 px on, a batch of one is fine
+    assert it.largest_fitting_batch(7, 8, 32, 256) == 8  # fewer images than ranks: check_sizes says so
+
+
+def test_data_sized_defaults_fit_a_small_train_set_and_say_so(data, tmp_path, capsys, monkeypatch):
+    warned = []
+    monkeypatch.setattr(it, "warn_if_kmeans_on_cpu", lambda *a, **k: warned.append((a, k)) or False)
+    out = tmp_path / "la"
+    it.main(["--data", str(data), "--out-dir", str(out), "--algo", "la", "--la-warmup-epochs", "0", "--device", "cpu",
+             "--image-size", "32", "--epochs", "1", "--workers", "0", "--n-kmeans", "2"])
+    printed = capsys.readouterr().out
+    (line,) = [x for x in printed.splitlines() if x.startswith("defaults lowered")]
+    for flag, app_d in (("--batch-size", 256), ("--k-background", 4096), ("--kmeans-k", 30000), ("--knn-k", 200)):
+        assert f"{flag} 48 (App. D: {app_d})" in line
+    assert "LA trains as BALL" in line  # 48 clusters of 48 images: C_i = {i}, Theorem 5.4
+    (cfg,) = rows(out, "config")
+    assert (cfg["batch_size"], cfg["k_background"], cfg["kmeans_k"], cfg["knn_k"]) == (48, 48, 48, 48)
+    assert cfg["defaults_note"] == line
+    assert rows(out, "epoch")[0]["step"] == 1  # one batch of all 48 images
+    # the trainer asked, once, whether LA's k-means will run on the CPU beside a GPU bank
+    assert len(warned) == 1 and warned[0][0] == (torch.device("cpu"), 48, 48, 2)
+
+
+def test_kmeans_warning_names_the_job_for_la_on_a_gpu(monkeypatch):
+    import local_agg
+    monkeypatch.setattr(local_agg, "_WARNED_KMEANS_ON_CPU", False)
+    monkeypatch.setattr(local_agg, "faiss_has_gpu", lambda: False)  # as with faiss-cpu, whatever is installed
+    parser = it.build_parser()
+    la, ir = parser.parse_args(["--algo", "la", "--kmeans-k", "30000"]), parser.parse_args(["--algo", "ir"])
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert not it.kmeans_device_warning(ir, cuda, it.IMAGENET_TRAIN_SIZE)
+    assert not it.kmeans_device_warning(la, torch.device("cpu"), it.IMAGENET_TRAIN_SIZE)
+    with pytest.warns(RuntimeWarning, match=r"k-means on the CPU: .*10 clustering\(s\) of N=1,281,167 rows into "
+                                            r"30,000 clusters.*faiss-gpu"):
+        assert it.kmeans_device_warning(la, cuda, it.IMAGENET_TRAIN_SIZE)
+    assert not it.kmeans_device_warning(la, cuda, it.IMAGENET_TRAIN_SIZE)  # once per process
+
+
+# -----------------------------------------------------------------------------
+# The loop: host checks every --log-every steps; a readable step.
+# -----------------------------------------------------------------------------
+def test_host_checks_happen_every_log_every_steps_and_before_each_save(data, tmp_path, monkeypatch):
+    calls = []
+    real = it.check_in
+    monkeypatch.setattr(it, "check_in", lambda run: calls.append(run.global_step) or real(run))
+    it.main(argv(data, tmp_path / "x", "ir", 2, 8, "--log-every", "4"))  # 6 steps per epoch
+    # steps 4 and 6 (the epoch's last) in the loop, then once more before the epoch's checkpoint
+    assert calls == [4, 6, 6, 10, 12, 12]
+
+
+def test_training_stages_are_named_and_the_step_fits_a_screen():
+    for stage in (it.set_up, it.resume, it.train_one_epoch, it.end_of_epoch, it.after_training, it.main):
+        assert stage.__doc__
+    for function, most in ((it.train_step, 40), (it.train_one_epoch, 60), (it.main, 40)):
+        assert len(inspect.getsource(function).splitlines()) <= most, function.__name__
+
+
+# -----------------------------------------------------------------------------
+# --plot: Figure 2's panels as accuracy-per-epoch curves.
+# -----------------------------------------------------------------------------
+def test_plot_draws_accuracy_per_epoch_with_linear_and_paper_markers_apart(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+
+    def log(name, algo, knn, init_epoch=0, linear=None):
+        cfg = dict(kind="config", algo=algo, alpha=0.5, init_epoch=init_epoch)
+        lines = [cfg] + [dict(kind="epoch", epoch=e + 1, knn_top1=v) for e, v in enumerate(knn)]
+        if linear is not None:
+            lines.append(dict(kind="linear", linear_top1=linear, linear_top5=1.0))
+        path = tmp_path / name / "log.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return str(path)
+    paths = [log("ir_init", "ir", [0.01, 0.05]), log("la", "la", [0.10, 0.20, 0.25], init_epoch=2, linear=0.4)]
+    it.plot_logs(paths, str(tmp_path / "f.png"), paper=True)
+    (fig,) = figures
+    ax_a = fig.axes[0]
+    curves = {line.get_label(): line for line in ax_a.lines if line.get_linestyle() == "-"}
+    la = curves["la (la)"]
+    assert list(la.get_xdata()) == [3, 4, 5] and list(la.get_ydata()) == [0.10, 0.20, 0.25]  # starts after IR
+    assert list(curves["ir (ir_init)"].get_xdata()) == [1, 2]
+    stars = [line for line in ax_a.lines if line.get_marker() == "*"]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [([5], [0.4])]  # linear: apart, at its epoch
+    hollow = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax_a.lines if line.get_marker() == "o"]
+    assert hollow == [(e, acc) for _, e, acc in it.PAPER_FIGURE2["a"]]
+    assert any("read off" in t.get_text() for t in ax_a.get_legend().get_texts())
+    assert [ax.get_xlabel() for ax in fig.axes] == ["epoch"] * 3

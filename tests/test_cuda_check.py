@@ -1,0 +1,77 @@
+"""tests/cuda_check.py must not rot: its CPU mode runs the whole sequence here, and its exit status
+counts only the checks that ran."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import cuda_check  # noqa: E402
+
+LOSSES = ["ir_loss", "ir_nce_loss", "ball_loss", "ann_loss", "la_loss", "infonce_loss", "MemoryBank.update"]
+
+
+def test_cpu_mode_runs_every_check_and_reports_json_lines(tmp_path):
+    res = subprocess.run([sys.executable, "tests/cuda_check.py", "--device", "cpu", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    lines = [json.loads(line) for line in res.stdout.splitlines()]  # stdout holds JSON lines only
+    status = {r["check"]: r["status"] for r in lines}
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    expected_pass = (["environment"] + [f"agree {n}" for n in LOSSES]
+                     + [f"train {a} fp32" for a in ("ir", "ball", "ann", "la")] + ["resume", "torchrun", "benchmark"])
+    algos = ("ir", "ball", "ann", "la")
+    not_applicable = ([f"no_sync {n}" for n in LOSSES] + [f"no_sync train_step {a}" for a in algos]
+                      + [f"train {a} {p}" for p in ("bf16", "fp16") for a in algos])
+    assert {c: status.get(c) for c in expected_pass} == {c: "pass" for c in expected_pass}
+    assert {c: status.get(c) for c in not_applicable} == {c: "n/a" for c in not_applicable}  # not "pass"
+    summary = lines[-1]
+    assert summary["check"] == "summary" and summary["status"] == "pass" and summary["failed"] == []
+    assert summary["ran"] == len(expected_pass)
+    assert summary["seconds"] < 120  # the CPU mode's promise (it takes about 35 s on a 2-core machine)
+    by_name = {r["check"]: r for r in lines}
+    assert by_name["resume"]["bit_identical"] and by_name["torchrun"]["backend"] == "gloo"
+    modes = by_name["agree la_loss"]["modes"]
+    assert set(modes) == {"fp32", "bf16 autocast", "fp16 autocast", "bf16 inputs", "fp16 inputs"}
+    assert all(m["ok"] and m["loss_dtype"] == "float32" for m in modes.values())
+    assert [r["algo"] for r in by_name["benchmark"]["rows"]] == ["ir", "la"]
+    assert "faiss" in by_name["benchmark"]["rows"][1]["kmeans_faiss"]
+    # the same lines are written to --out, beside the trainer's own output
+    assert (tmp_path / "cuda_check.jsonl").read_text().splitlines() == res.stdout.splitlines()
+    assert "epoch 1 done" in (tmp_path / "trainer_output.log").read_text()
+
+
+def test_exit_status_counts_failures_of_checks_that_ran_and_not_the_rest(monkeypatch, capsys):
+    torch_threads = torch.get_num_threads()
+    monkeypatch.setattr(cuda_check, "check_benchmark", lambda *a: (False, dict(why="made to fail")))
+    try:
+        assert cuda_check.main(["--device", "cpu", "--only", "benchmark", "no_sync"]) == 1
+    finally:
+        torch.set_num_threads(torch_threads)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    status = {r["check"]: r["status"] for r in lines}
+    assert status["benchmark"] == "fail" and status["no_sync ir_loss"] == "n/a" and "resume" not in status
+    assert lines[-1]["failed"] == ["benchmark"] and lines[-1]["ran"] == 2  # environment and benchmark
+
+
+def test_agreement_check_catches_a_loss_that_computes_in_half_precision():
+    """Eq. 6 written carelessly -- the matmul in the input's dtype, and in bf16 under autocast -- must
+    fail the half-precision modes that the real ir_loss passes."""
+    size = cuda_check.SIZES["cpu"]
+    inputs, fixed = cuda_check.make_inputs(size)
+
+    def careless_ir_loss(z, f, g):
+        logits = z @ f["bank"].to(z.dtype).T / cuda_check.TAU
+        return F.cross_entropy(logits.float(), f["idx"])
+
+    ok, detail = cuda_check.check_agree(careless_ir_loss, "z", inputs, fixed, torch.device("cpu"))
+    assert not ok and detail["modes"]["fp32"]["ok"]
+    assert not detail["modes"]["bf16 autocast"]["ok"] and not detail["modes"]["bf16 inputs"]["ok"]
+    ok, detail = cuda_check.check_agree(*cuda_check.loss_cases(size)["ir_loss"], inputs, fixed, torch.device("cpu"))
+    assert ok, detail
