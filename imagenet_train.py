@@ -514,7 +514,7 @@ def kept_positions(run, first_local_position, count):
     if not run.ddp:
         return None
     padded = padded_mask(first_local_position, count, run.rank, run.world, run.n_train)
-    return (~padded).nonzero().squeeze(1).to(run.device) if padded.any() else None
+    return (~padded).nonzero().squeeze(1) if padded.any() else None  # on the CPU, like idx
 
 
 class _SkipFirst:
@@ -619,7 +619,8 @@ def train_step(run, images, idx, keep=None):
     Nothing here waits for the GPU.  The loss stays a device tensor, and a non-finite loss is only
     noted on the device, in run.nonfinite_at; check_in reads it every --log-every steps and before
     every checkpoint, so a NaN never reaches a saved file.  (fp16 is the exception: GradScaler reads
-    its inf check on the host every step.)  keep: see kept_positions."""
+    its inf check on the host every step.)  idx: the dataset indices [B] on the CPU, as the DataLoader
+    yields them (MemoryBank.update reads them on the host).  keep: see kept_positions."""
     args = run.args
     z, loss = forward_loss(run.model, images, idx, run.phase, run.bank, run.cluster_labels, args, run.amp_ctx)
     if args.debug_nan_step is not None and run.global_step + 1 == args.debug_nan_step:
@@ -630,10 +631,12 @@ def train_step(run, images, idx, keep=None):
     run.scaler.update()
     z = z.detach()
     if keep is not None:  # leave DistributedSampler's padding repeats out of Eq. 7
-        idx, z = idx[keep], z[keep]
-    run.bank.update(idx, z, args.alpha)  # Eq. 7, then re-normalise; all-gathered over ranks inside
+        idx, z = idx[keep], z[keep.to(z.device, non_blocking=True)]
+    # Eq. 7, then re-normalise; all-gathered over ranks inside.  idx stays on the CPU, where the
+    # DataLoader put it: the update reads it on the host, which on a GPU bank is then free.
+    run.bank.update(idx, z, args.alpha)
     if run.update_counts is not None:  # test hook: Eq. 7 updates per row, summed over ranks
-        written = all_gather_rows(idx)
+        written = all_gather_rows(idx.to(run.update_counts.device))
         run.update_counts.index_add_(0, written, torch.ones_like(written))
     run.global_step += 1
     # torch.where, not an `if`: an `if` on a GPU value would make the host wait for it.
@@ -897,7 +900,7 @@ def benchmark(args, device):
             if step == warmup:
                 sync()
                 t0 = time.time()
-            loss = train_step(run, images, torch.randint(args.bench_bank, (args.batch_size,), device=device))
+            loss = train_step(run, images, torch.randint(args.bench_bank, (args.batch_size,)))  # idx on the CPU
         sync()
         dt = time.time() - t0
         row = dict(algo=algo, device=str(device), precision=precision, image_size=args.image_size,
@@ -1164,7 +1167,7 @@ def train_one_epoch(run):
         images = images.to(device, non_blocking=True, memory_format=run.mem_fmt)
         keep = kept_positions(run, b * run.local_batch, len(idx))
         try:
-            loss = train_step(run, images, idx.to(device, non_blocking=True), keep)
+            loss = train_step(run, images, idx, keep)  # idx on the CPU: each loss moves it to the bank's device
         except Exception:  # after an unnoticed non-finite loss, NaN weights make a loss refuse its z:
             check_in(run)  # report the first non-finite step instead, if there was one
             raise

@@ -115,7 +115,7 @@ def kmeans_on_cpu_message(num_points, num_clusters, num_clusterings, niter=20, d
     return (f"k-means on the CPU: the bank is on the GPU but this faiss build has no GPU support, so "
             f"{num_clusterings} clustering(s) of N={num_points:,} rows into {num_clusters:,} clusters "
             f"({flops:.2g} flops) will run on the CPU each time; install a GPU build of faiss in place of "
-            f"faiss-cpu (README, 'On a GPU': pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12)")
+            f"faiss-cpu (README, 'On a GPU': pip uninstall -y faiss-cpu && pip install faiss-gpu)")
 
 
 def warn_if_kmeans_on_cpu(device, num_points, num_clusters, num_clusterings, niter=20, dim=128):

@@ -230,7 +230,9 @@ def check_no_sync_bank(size, device):
     if device.type != "cuda":
         raise NotApplicable("torch.cuda.set_sync_debug_mode needs a CUDA device")
     bank = MemoryBank(size["rows"], size["dim"], device=device)
-    idx = torch.randperm(size["rows"], device=device)[: size["batch"]]  # unique, as in a one-process batch
+    # Unique, as in a one-process batch, and on the CPU, where the DataLoader yields them: the
+    # update reads the indices on the host (duplicate rounds), which is free for CPU indices.
+    idx = torch.randperm(size["rows"])[: size["batch"]]
     z = F.normalize(torch.randn(size["batch"], size["dim"], device=device), dim=1)
     error = first_sync(lambda: bank.update(idx, z, 0.5))
     return error is None, dict(synchronized=error is not None, error=error)
@@ -245,7 +247,7 @@ def check_no_sync_step(algo, size, device):
     run.cluster_labels = torch.randint(0, size["clusters"], (size["clusterings"], size["rows"]), device=device)
     images = torch.randn(size["train_batch"], 3, size["image_size"], size["image_size"], device=device)
     images = images.contiguous(memory_format=run.mem_fmt)
-    idx = torch.randperm(size["rows"], device=device)[: size["train_batch"]]
+    idx = torch.randperm(size["rows"])[: size["train_batch"]]  # on the CPU, as the DataLoader yields it
     error = first_sync(lambda: it.train_step(run, images, idx))
     return error is None, dict(precision=run.precision, synchronized=error is not None, error=error)
 
