@@ -105,7 +105,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=spiral.ITERS, help="iterations per run (default: the paper's 10k)")
     p.add_argument("--sweep", action="store_true", help="also time the eight-eta sweep of Figure 1 (one seed)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (spiral.py's default)")
+    p.add_argument("--threads", type=int, default=spiral.THREADS, help="torch threads (default: spiral.py's, 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), "
