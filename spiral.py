@@ -104,7 +104,7 @@ MIN_INFORMATION = 0.03
 # thread kept 245 it/s: the two threads wait on each other.
 THREADS = 1
 # No arguments at all run this short demo (seconds to a minute on 2 cores):
-DEMO_ARGV = ["--sweep", "0", "0.4", "5", "--iters", "1500", "--n-test", "4000"]
+DEMO_ARGV = ["--sweep", "0", "0.4", "1", "5", "--iters", "1500", "--n-test", "4000"]
 
 
 # ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def baseline_run(eta, iters, per_row_negatives, seed=0):
                                 weight_decay=spiral.WEIGHT_DECAY)
     with torch.no_grad():
         bank = F.normalize(encoder(train + eta * torch.rand(n, 2)), dim=1)
-    steps_per_epoch = n // batch
+    steps_per_epoch, epoch_losses = n // batch, []
     for it in range(iters):
         if it % steps_per_epoch == 0:
             order = torch.randperm(n)
@@ -69,8 +69,11 @@ def baseline_run(eta, iters, per_row_negatives, seed=0):
         optimizer.step()
         with torch.no_grad():
             bank[idx] = F.normalize(spiral.ALPHA * bank[idx] + (1 - spiral.ALPHA) * z, dim=1)
+        epoch_losses.append(loss.item())
         if it % steps_per_epoch == steps_per_epoch - 1:
-            result = spiral.evaluate(encoder, train, train_labels, test, test_labels)
+            information = math.log(k + 1) - sum(epoch_losses) / len(epoch_losses)
+            result = spiral.evaluate(encoder, train, train_labels, test, test_labels, information)
+            epoch_losses = []
     return result["raw"]
 
 
@@ -80,10 +83,10 @@ def probe_cost(repeats=20):
     train, train_labels = spiral.make_spirals(spiral.N_TRAIN, generator=g)
     test, test_labels = spiral.make_spirals(spiral.N_TEST, generator=g)
     encoder = spiral.make_encoder()
-    spiral.evaluate(encoder, train, train_labels, test, test_labels)
+    spiral.evaluate(encoder, train, train_labels, test, test_labels, information=1.0)
     start = time.perf_counter()
     for _ in range(repeats):
-        spiral.evaluate(encoder, train, train_labels, test, test_labels)
+        spiral.evaluate(encoder, train, train_labels, test, test_labels, information=1.0)
     return (time.perf_counter() - start) / repeats
 
 
@@ -111,6 +114,9 @@ def main():
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), "
           f"load average at the start {os.getloadavg()[0]:.2f} (above ~0.5 other jobs share the cores)")
     out = tempfile.mkdtemp()
+    # Creating the first torch.optim optimizer imports torch._dynamo (about a
+    # second): do it once here, so that whichever run comes first is not charged.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     per_epoch = probe_cost()
     epochs = args.iters // (spiral.N_TRAIN // spiral.BATCH_SIZE)
     print(f"transfer probe (spiral.evaluate, both readings, {spiral.N_TRAIN} + {spiral.N_TEST} points): "

@@ -286,7 +286,59 @@ def test_a_representation_that_learned_nothing_scores_chance():
 # ---------------------------------------------------------------------------
 # Figure 1's claims in a reduced configuration (see the comment below)
 # ---------------------------------------------------------------------------
-# REDUCED GUARD: filled in from the 5-seed measurements
+# The paper's data, negatives, optimiser, network and tau = 1, 1,500
+# iterations (15 epochs) instead of 10k, seeds 0 and 1, eta = 0, 0.4, 1, 5.
+# With the learning rate constant, these runs are the first 15 epochs of the
+# README's 5-seed sweep.  What they assert held at epoch 15 for every one of
+# seeds 0-4 there (the mean-of-two check: for every pair of them), and still
+# holds after 100 epochs:
+#   * the loss rises with eta (Fig. 1c): per seed, eta 0 < 0.4 < 1 < 5
+#     (smallest gap 0.035 nats);
+#   * eta = 0 sits on the 2-D floor (7.555-7.561 against 7.554);
+#   * eta = 5 stays at log K: log K - loss 0.009-0.017, under MIN_INFORMATION
+#     (0.03), so both readings report chance;
+#   * eta = 0 is at chance in both readings (0.458-0.525);
+#   * the normalised reading at eta = 1 beats eta = 0 (mean of the two seeds;
+#     0.065 for the worst pair of seeds at epoch 15, 0.11 over 5 seeds at
+#     epoch 100).
+# What is not asserted, because it did not hold across seeds: any peak of the
+# raw-output accuracy, and the paper's 0.70 at eta = 0.4 (README).
+GUARD_ETAS, GUARD_SEEDS, GUARD_ITERS = (0.0, 0.4, 1.0, 5.0), (0, 1), 1500
+
+
+@pytest.fixture(scope="module")
+def reduced_sweep():
+    results = {}
+    steps_per_epoch = spiral.N_TRAIN // spiral.BATCH_SIZE
+    for seed in GUARD_SEEDS:
+        g = torch.Generator().manual_seed(seed)
+        data = spiral.make_spirals(spiral.N_TRAIN, generator=g) + spiral.make_spirals(spiral.N_TEST, generator=g)
+        for eta in GUARD_ETAS:
+            encoder, _, losses = spiral.train_ir(data[0], eta, iters=GUARD_ITERS, seed=seed, progress=False)
+            loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
+            result = spiral.evaluate(encoder, *data, information=math.log(spiral.NEGATIVES + 1) - loss)
+            results[eta, seed] = dict(result, loss=loss)
+    return results
+
+
+def test_reduced_sweep_loss_rises_with_eta_from_the_floor_to_log_k(reduced_sweep):
+    log_k, floor = math.log(spiral.NEGATIVES + 1), spiral.loss_floor(spiral.NEGATIVES, spiral.TAU)
+    for seed in GUARD_SEEDS:
+        losses = [reduced_sweep[eta, seed]["loss"] for eta in GUARD_ETAS]
+        assert all(a < b for a, b in zip(losses, losses[1:])), losses
+        assert floor - 0.005 < losses[0] < floor + 0.02
+        assert 0 < log_k - losses[-1] < spiral.MIN_INFORMATION
+
+
+def test_reduced_sweep_accuracy_at_chance_at_both_ends_and_above_it_normalized_at_eta_1(reduced_sweep):
+    for seed in GUARD_SEEDS:
+        at_5 = reduced_sweep[5.0, seed]
+        assert at_5["collapsed"] and at_5["raw"] == at_5["normalized"] == 0.5
+        assert abs(reduced_sweep[0.0, seed]["raw"] - 0.5) < 0.05
+        assert abs(reduced_sweep[0.0, seed]["normalized"] - 0.5) < 0.05
+        assert not reduced_sweep[1.0, seed]["collapsed"]
+    normalized = {eta: sum(reduced_sweep[eta, s]["normalized"] for s in GUARD_SEEDS) / 2 for eta in GUARD_ETAS}
+    assert normalized[1.0] > normalized[0.0] + 0.05, normalized
 
 
 # ---------------------------------------------------------------------------
