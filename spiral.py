@@ -162,8 +162,8 @@ def shared_view_fraction(points, labels, eta):
 # ---------------------------------------------------------------------------
 # Encoder (Sec. 4.3): 5 linear layers, 128 hidden units, 2-D output
 # ---------------------------------------------------------------------------
-def make_encoder(hidden=128, layers=5):
-    """MLP 2 -> 128 -> 128 -> 128 -> 128 -> 2 with ReLUs, He-initialised.
+def make_encoder(hidden=128, layers=5, init="he"):
+    """MLP 2 -> 128 -> 128 -> 128 -> 128 -> 2 with ReLUs, He-initialised (init="default": PyTorch's own).
 
     PyTorch's default Linear init shrinks the signal by about sqrt(6) per ReLU
     layer, so the untrained network maps every input to nearly the same
@@ -174,8 +174,9 @@ def make_encoder(hidden=128, layers=5):
     modules = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = torch.nn.Linear(fan_in, fan_out)
-        torch.nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-        torch.nn.init.zeros_(linear.bias)
+        if init == "he":
+            torch.nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(linear.bias)
         modules.append(linear)
         if i < layers - 1:
             modules.append(torch.nn.ReLU())
@@ -235,7 +236,7 @@ def loss_floor(negatives, tau):
 
 def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVES, lr=LR, momentum=MOMENTUM,
              weight_decay=WEIGHT_DECAY, tau=TAU, alpha=ALPHA, seed=0, device="cpu", after_epoch=None,
-             progress=True, label=""):
+             progress=True, label="", init="he"):
     """Sec. 4.3: train the encoder with IR on views of `points` [N, 2] (no labels).
 
     Returns (encoder, bank [N, 2], losses): losses holds every step's
@@ -250,7 +251,7 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
     torch.manual_seed(seed)                                   # initial weights
     generator = torch.Generator().manual_seed(seed + 1)       # views, order, negatives
     points = points.to(device)
-    encoder = make_encoder().to(device)
+    encoder = make_encoder(init=init).to(device)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     with torch.no_grad():  # the bank starts as the untrained encoder's embedding of one view per point
         bank = F.normalize(encoder(sample_views(points, eta, generator)), dim=1)   # [N, 2]
@@ -405,7 +406,8 @@ def run_setting(eta, seed, args, label="", progress=True):
     encoder, _, losses = train_ir(train_points, eta, iters=args.iters, batch_size=args.batch_size,
                                   negatives=args.negatives, lr=args.lr, momentum=args.momentum,
                                   weight_decay=args.weight_decay, tau=args.tau, alpha=args.alpha, seed=seed,
-                                  device=args.device, after_epoch=after_epoch, progress=progress, label=label)
+                                  device=args.device, after_epoch=after_epoch, progress=progress, label=label,
+                                  init=args.init)
     seconds = time.perf_counter() - start
     last_epoch = losses[-min(len(losses), max(1, args.n_train // args.batch_size)):]
     final_loss = sum(last_epoch) / len(last_epoch)
@@ -567,6 +569,9 @@ def build_parser():
                         "(2 turns) apart")
     p.add_argument("--turns", type=float, default=TURNS,
                    help="turns of each spiral (Figure 1a: 1; whole turns keep a probe on the raw (x, y) at chance)")
+    p.add_argument("--init", choices=("he", "default"), default="he",
+                   help="initial weights of the encoder: he (Kaiming, zero biases; the default) or PyTorch's "
+                        "default Linear init (the paper does not say)")
     p.add_argument("--out", default=None,
                    help="figure path (default out/spiral_eta<eta>.png, or out/figure1_spiral.png with --sweep)")
     p.add_argument("--results", default=None, metavar="PATH",
@@ -630,19 +635,23 @@ def _check_writable_file(flag, path, image=False):
 
 
 SETTINGS = ("iters", "n_train", "n_test", "batch_size", "negatives", "lr", "momentum", "weight_decay", "tau",
-            "alpha", "inner_radius", "outer_radius", "turns")
+            "alpha", "inner_radius", "outer_radius", "turns", "init")
 
 
 def load_saved_runs(args):
     """Runs saved by an earlier call with --results and the same settings: {(eta, seed): result}."""
     if args.results is None or not os.path.exists(args.results):
         return {}
-    saved = torch.load(args.results, weights_only=False)
-    settings = {name: getattr(args, name) for name in SETTINGS}
-    if saved.get("settings") != settings:
-        print(f"{args.results} holds runs with other settings ({saved.get('settings')}); they are replaced")
-        return {}
-    return {(r["eta"], r["seed"]): r for r in saved["runs"]}
+    try:
+        saved = torch.load(args.results, weights_only=False)
+        settings, runs = saved["settings"], saved["runs"]
+    except Exception as error:  # not a file this program wrote
+        raise ValueError(f"--results {args.results!r} cannot be read as saved runs ({error})") from None
+    differ = {name: settings.get(name) for name in SETTINGS if settings.get(name) != getattr(args, name)}
+    if differ:
+        raise ValueError(f"--results {args.results!r} holds runs made with other settings ({differ}); "
+                         f"give another path or the same settings")
+    return {(r["eta"], r["seed"]): r for r in runs}
 
 
 def main(argv=None):
@@ -656,6 +665,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         etas = check_args(args)
+        saved = load_saved_runs(args)
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)
@@ -665,7 +675,6 @@ def main(argv=None):
           f"{args.n_train} training points, K = {args.negatives} + 1 (log K = {log_k:.3f}), tau = {args.tau:g}, "
           f"alpha = {args.alpha:g}, {args.iters} iterations; etas {[f'{e:g}' for e in etas]}, seeds {seeds}")
 
-    saved = load_saved_runs(args)
     results = []
     total = len(etas) * len(seeds)
     for i, (seed, eta) in enumerate([(s, e) for s in seeds for e in etas]):

@@ -413,6 +413,11 @@ def test_tiny_sweep_end_to_end_saves_resumes_and_draws_every_panel(tmp_path, cap
     printed = capsys.readouterr().out
     assert "[saved]" in printed and "step " not in printed
     assert [r["losses"] for r in again] == [r["losses"] for r in results]
+    # ... and refuses, before training, to mix in runs made with other settings
+    with pytest.raises(SystemExit) as exit_info:
+        spiral.main(argv + ["--tau", "0.5"])
+    assert exit_info.value.code == 2
+    assert "--results" in capsys.readouterr().err
     # Figure 1's panels: (a) views and (b) representations, one small multiple
     # per eta; (c) loss, (d) accuracy per epoch, (e) final accuracy against eta
     fig = spiral.plot_figure1(results, [0.0, 0.4], spiral.build_parser().parse_args(argv), str(out))
