@@ -75,6 +75,7 @@ reproduced (the losses of Figure 1c) and what did not (0.70 at eta = 0.4).
 import argparse
 import math
 import os
+import sys
 import time
 
 import torch
@@ -663,7 +664,6 @@ def load_saved_runs(args):
 
 
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         print(f"Demo (a short sweep): python spiral.py {' '.join(DEMO_ARGV)}\n"
@@ -690,7 +690,7 @@ def main(argv=None):
         r = saved.get((eta, seed)) or run_setting(eta, seed, args, label=label)
         print(f"{label}final loss {r['final_loss']:.3f} (log K = {log_k:.3f}), transfer accuracy "
               f"{r['accuracy']:.3f} (normalized {r['accuracy_normalized']:.3f}"
-              f"{', collapsed: chance' if r['collapsed'] else ''})  ({r['seconds']:.1f} s, of which probe "
+              f"{', loss at log K: chance' if r['collapsed'] else ''})  ({r['seconds']:.1f} s, of which probe "
               f"{r['probe_seconds']:.1f} s over {r['epochs_probed']} epochs){'  [saved]' if (eta, seed) in saved else ''}",
               flush=True)
         results.append(r)
@@ -702,7 +702,7 @@ def main(argv=None):
     print()
     sample = make_spirals(4000, args.inner_radius, args.outer_radius, args.turns, torch.Generator().manual_seed(0))
     print(f"{'eta':>5} | {'views shared':>12} | {'final loss':>15} | {'accuracy (raw)':>15} | "
-          f"{'(normalized)':>15} | collapsed | paper")
+          f"{'(normalized)':>15} | at log K | paper")
     for eta in etas:
         runs = [r for r in results if r["eta"] == eta]
         loss, raw, normalized = (mean_std([r[key] for r in runs]) for key in ("final_loss", "accuracy",
@@ -710,7 +710,7 @@ def main(argv=None):
         paper = f"{PAPER_ACCURACY[eta]:.3f}" if eta in PAPER_ACCURACY else "-"
         print(f"{eta:>5g} | {shared_view_fraction(*sample, eta):12.2f} | {loss[0]:7.3f} +- {loss[1]:5.3f} | "
               f"{raw[0]:6.3f} +- {raw[1]:5.3f} | {normalized[0]:6.3f} +- {normalized[1]:5.3f} | "
-              f"{sum(r['collapsed'] for r in runs):>4}/{len(runs):<4} | {paper}")
+              f"{sum(r['collapsed'] for r in runs):>4}/{len(runs):<3} | {paper}")
     print("(views shared: fraction of points whose views can also be views of the other spiral, Sec. 4.2; "
           "accuracy: linear probe on the raw 2-D output, mean +- std over seeds)")
     print(f"linear probe on the raw (x, y) coordinates: {mean_std([r['input_accuracy'] for r in results])[0]:.3f} "

@@ -170,10 +170,18 @@ def test_encoder_is_five_linear_layers_128_wide_with_a_2d_output():
     encoder = spiral.make_encoder()
     linears = [m for m in encoder if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(2, 128), (128, 128), (128, 128), (128, 128), (128, 2)]
-    # He init: the untrained encoder already spreads directions (PyTorch's default does not)
+    # He init (the default): the untrained encoder already spreads directions;
+    # PyTorch's own init (--init default) maps every point to nearly one direction
     points, _ = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    assert F.normalize(spiral.encode(spiral.make_encoder(), points), dim=1).std(0).norm() > 0.3
+    spreads = {}
+    for init in ("he", "default"):
+        spreads[init] = []
+        for seed in range(5):
+            torch.manual_seed(seed)
+            output = spiral.encode(spiral.make_encoder(init=init), points)
+            spreads[init].append(F.normalize(output, dim=1).std(0).norm().item())
+    assert sum(spreads["he"]) / 5 > 0.4 and max(spreads["default"]) < 0.15
+    assert all(h > 2 * d for h, d in zip(spreads["he"], spreads["default"]))
 
 
 def test_short_run_lowers_the_loss_and_calls_the_probe_after_every_epoch():
