@@ -7,7 +7,7 @@ of a good view, 4.3 the toy example) and Figure 1.
     python spiral.py                        # a one-minute demo (a short sweep; prints a table, saves a figure)
     python spiral.py --eta 0.4              # the paper's best setting, full length: progress, transfer accuracy
     python spiral.py --sweep                # Figure 1: eta = 0, 0.1, 0.25, 0.4, 0.5, 1, 2.5, 5
-    python spiral.py --sweep --seeds 5 --results out/sweep.pt   # the README's table (resumable)
+    python spiral.py --sweep --seeds 5 --results out/sweep5.pt  # the README's table (resumable)
 
 The experiment (Sec. 4.3):
   * data: points on two interleaved spirals in 2-D, one spiral per class.  No
