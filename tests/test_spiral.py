@@ -1,10 +1,9 @@
-"""Checks for spiral.py (Sec. 4.3, Figure 1): data, views, IR pieces, the linear probe, the CLI."""
+"""Checks for spiral.py (Sec. 4.3, Figure 1): geometry, views, IR pieces, the probe, the figure, the CLI."""
 
 import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +15,17 @@ from infonce import infonce_loss
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # spiral.py's own default (THREADS = 1).  These tensors are small, and on a
+    # busy 2-core machine two threads wait on each other: the 330-step run
+    # below took 10.4 s with 2 threads while another job ran, about 1 s with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spiral.THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------
 # Data and views
 # ---------------------------------------------------------------------------
@@ -23,19 +33,16 @@ def test_views_are_x_plus_uniform_0_eta_per_coordinate():
     eta, n = 0.4, 200_000
     x = torch.tensor([[0.3, -0.7]]).expand(n, 2)
     noise = spiral.sample_views(x, eta, torch.Generator().manual_seed(0)) - x
-    # support [0, eta] (not centred), for both coordinates
+    # support [0, eta] (not centred, as Sec. 4.3 prints it), for both coordinates
     assert noise.min() >= 0 and noise.max() <= eta + 1e-6
     assert noise.min() < 0.001 and noise.max() > eta - 0.001
     # U(0, eta): mean eta/2, variance eta^2/12, within 5 standard errors
     se_mean = eta / math.sqrt(12 * n)
     assert torch.allclose(noise.mean(0).double(), torch.tensor([eta / 2, eta / 2], dtype=torch.float64), atol=5 * se_mean)
-    var = noise.double().var(0)
-    assert torch.allclose(var, torch.full((2,), eta * eta / 12, dtype=torch.float64), rtol=0.02)
-    # flat: each tenth of [0, eta] holds a tenth of the draws
-    counts = torch.histc(noise[:, 0], bins=10, min=0, max=eta)
+    assert torch.allclose(noise.double().var(0), torch.full((2,), eta * eta / 12, dtype=torch.float64), rtol=0.02)
+    counts = torch.histc(noise[:, 0], bins=10, min=0, max=eta)   # flat
     assert (counts / n - 0.1).abs().max() < 0.005
-    # independent coordinates
-    assert abs(torch.corrcoef(noise.T)[0, 1].item()) < 0.01
+    assert abs(torch.corrcoef(noise.T)[0, 1].item()) < 0.01       # independent coordinates
 
 
 def test_eta_zero_is_the_privileged_view_and_negative_eta_fails():
@@ -45,33 +52,64 @@ def test_eta_zero_is_the_privileged_view_and_negative_eta_fails():
         spiral.sample_views(x, -0.1)
 
 
-def test_spirals_balanced_reproducible_and_half_a_unit_apart():
-    points, labels = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(3))
-    again, labels_again = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(3))
-    other, _ = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(4))
+def test_geometry_is_figure_1a():
+    # Figure 1a, scaled to an outer radius of 1: one turn from radius 0.2 to
+    # 1.0, i.e. the curve r = (2 theta + pi) / (5 pi), theta in [0, 2 pi];
+    # the second spiral is the first rotated by 180 degrees.
+    assert (spiral.INNER_RADIUS, spiral.OUTER_RADIUS, spiral.TURNS) == (0.2, 1.0, 1.0)
+    points, labels = spiral.make_spirals(20_000, generator=torch.Generator().manual_seed(3))
+    again, labels_again = spiral.make_spirals(20_000, generator=torch.Generator().manual_seed(3))
     assert torch.equal(points, again) and torch.equal(labels, labels_again)
-    assert not torch.equal(points, other)
-    assert (labels == 0).sum() == (labels == 1).sum() == 2000
+    assert (labels == 0).sum() == (labels == 1).sum() == 10_000
     radius = points.norm(dim=1)
-    assert radius.min() >= spiral.INNER_RADIUS - 1e-6
-    assert radius.max() <= spiral.INNER_RADIUS + 2 * spiral.ARM_SPACING * spiral.TURNS + 1e-6
-    dense, dense_labels = spiral.make_spirals(20_000, generator=torch.Generator().manual_seed(0))
-    # spiral 1 is spiral 0 turned by 180 degrees: -x of every spiral-0 point lies on spiral 1
-    turned = -points[labels == 0]
-    assert torch.cdist(turned, dense[dense_labels == 1]).min(dim=1).values.max() < 0.01
-    # Along any ray from the centre the two arms alternate 0.5 apart: the gap
-    # the noise has to cross before the spirals become unidentifiable.
-    gap = torch.cdist(dense[dense_labels == 0], dense[dense_labels == 1]).min()
-    # the nearest approach is the radial gap times cos(pitch) (pitch <= atan(1 / pi) at r >= 0.5)
-    assert 0.5 * math.cos(math.atan(1 / math.pi)) - 0.01 < gap < 0.5 + 0.01
+    assert 0.2 - 1e-6 <= radius.min() < 0.201 and 0.999 < radius.max() <= 1.0 + 1e-6
+    for label, sign in ((0, 1.0), (1, -1.0)):
+        p = sign * points[labels == label].double()
+        r = p.norm(dim=1)
+        theta = (5 * math.pi * r - math.pi) / 2                   # where the curve has radius r
+        on_curve = torch.stack([r * theta.cos(), r * theta.sin()], 1)
+        assert (on_curve - p).norm(dim=1).max() < 1e-5
+    # uniform in angle (and so in radius): each tenth of the turn holds a tenth of the points
+    counts = torch.histc(radius, bins=10, min=0.2, max=1.0)
+    assert (counts / len(radius) - 0.1).abs().max() < 0.01
+    # along any ray from the centre the arms alternate 0.4 apart (the text's
+    # "border of identifiability" at eta = 0.4): compare points at the same angle
+    angle = torch.atan2(points[:, 1], points[:, 0]).double()
+    a0, r0 = angle[labels == 0][:500], radius[labels == 0][:500].double()
+    a1, r1 = angle[labels == 1], radius[labels == 1].double()
+    same_ray = (a0[:, None] - a1[None, :]).remainder(2 * math.pi).sub(math.pi).abs() > math.pi - 0.003
+    gaps = (r0[:, None] - r1[None, :]).abs()[same_ray]
+    assert len(gaps) > 500
+    assert (gaps - 0.4).abs().max() < 0.01
 
 
-def test_raw_coordinates_are_useless_to_a_linear_probe():
-    # Whole turns, uniform in angle: chance (0.5) really is the floor, as the paper assumes.
-    g = torch.Generator().manual_seed(0)
-    train, train_labels = spiral.make_spirals(20_000, generator=g)
-    test, test_labels = spiral.make_spirals(20_000, generator=g)
-    assert abs(spiral.transfer_accuracy(train, train_labels, test, test_labels) - 0.5) < 0.02
+def test_raw_coordinates_are_at_chance_for_a_linear_probe():
+    # Uniform in angle over whole turns: a linear probe on (x, y) scores 0.5,
+    # so chance really is the floor, as Sec. 4.3 assumes.
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        train, train_labels = spiral.make_spirals(spiral.N_TRAIN, generator=g)
+        test, test_labels = spiral.make_spirals(spiral.N_TEST, generator=g)
+        assert abs(spiral.transfer_accuracy(train, train_labels, test, test_labels) - 0.5) < 0.02
+
+
+def test_the_earlier_geometry_stays_reachable():
+    points, labels = spiral.make_spirals(4000, inner_radius=0.5, outer_radius=1.5,
+                                         generator=torch.Generator().manual_seed(0))
+    radius = points.norm(dim=1)
+    assert 0.5 - 1e-6 <= radius.min() < 0.51 and 1.49 < radius.max() <= 1.5 + 1e-6
+    with pytest.raises(ValueError, match="inner_radius"):
+        spiral.make_spirals(10, inner_radius=1.0, outer_radius=1.0)
+
+
+def test_shared_view_fraction_marks_eta_04_as_the_border():
+    # Sec. 4.2 / 4.3: views stay identifiable up to eta = 0.25; from eta = 0.4
+    # on, every point's view set meets the other spiral's.
+    points, labels = spiral.make_spirals(8000, generator=torch.Generator().manual_seed(0))
+    fractions = {eta: spiral.shared_view_fraction(points, labels, eta) for eta in (0.0, 0.25, 0.3, 0.4, 1.0)}
+    assert fractions[0.0] == fractions[0.25] == 0.0
+    assert 0.3 < fractions[0.3] < 0.9
+    assert fractions[0.4] > 0.99 and fractions[1.0] == 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -85,40 +123,10 @@ def test_ir_scores_are_positive_then_negatives_over_tau():
     negative_idx = torch.randint(50, (30,), generator=g)
     scores = spiral.ir_scores(z, bank, idx, negative_idx, tau=0.1)
     assert scores.shape == (8, 31)
-    expected_positive = torch.stack([z[b] @ bank[idx[b]] for b in range(8)]) / 0.1
-    torch.testing.assert_close(scores[:, 0], expected_positive)
-    torch.testing.assert_close(scores[:, 1:], z @ bank[negative_idx].T / 0.1)
-    # gradient flows to z through both parts, as through the plain matmul
-    z1 = z.clone().requires_grad_()
-    z2 = z.clone().requires_grad_()
-    weights = torch.randn(8, 31, generator=g)
-    (spiral.ir_scores(z1, bank, idx, negative_idx, 0.1) * weights).sum().backward()
-    reference = torch.cat([(z2 * bank[idx]).sum(1, keepdim=True), z2 @ bank[negative_idx].T], 1) / 0.1
-    (reference * weights).sum().backward()
-    torch.testing.assert_close(z1.grad, z2.grad)
-
-
-def test_sgd_step_is_torch_sgd_with_momentum_and_weight_decay():
-    # The hand-written step must reproduce torch.optim.SGD (dampening 0) exactly,
-    # including the first step (buffer = gradient) and a change of lr (warmup).
-    torch.manual_seed(0)
-    ours, theirs = spiral.make_encoder(), spiral.make_encoder()
-    theirs.load_state_dict(ours.state_dict())
-    params, buffers = list(ours.parameters()), [None] * len(list(ours.parameters()))
-    initial = [p.detach().clone() for p in params]
-    optimizer = torch.optim.SGD(theirs.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-5)
-    x = torch.randn(64, 2)
-    for lr in (0.01, 0.02, 0.03, 0.03, 0.03):
-        for model in (ours, theirs):
-            for p in model.parameters():
-                p.grad = None
-            F.normalize(model(x), dim=1)[:, 0].sum().backward()
-        spiral.sgd_step_(params, buffers, lr, 0.9, 1e-5)
-        optimizer.param_groups[0]["lr"] = lr
-        optimizer.step()
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        assert torch.equal(a, b)
-    assert all(not torch.equal(p, p0) for p, p0 in zip(params, initial))  # every tensor did move
+    for b in range(8):
+        assert torch.allclose(scores[b, 0], z[b] @ bank[idx[b]] / 0.1)
+        for j in (0, 17, 29):
+            assert torch.allclose(scores[b, 1 + j], z[b] @ bank[negative_idx[j]] / 0.1)
 
 
 def test_bank_update_is_eq7_renormalized_and_touches_only_its_rows():
@@ -130,7 +138,6 @@ def test_bank_update_is_eq7_renormalized_and_touches_only_its_rows():
     spiral.update_bank_(bank, idx, z, alpha=0.5)
     mixed = 0.5 * before[idx] + 0.5 * z
     torch.testing.assert_close(bank[idx], mixed / mixed.norm(dim=1, keepdim=True))
-    torch.testing.assert_close(bank.norm(dim=1), torch.ones(20))
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[idx] = False
     assert torch.equal(bank[untouched], before[untouched])
@@ -138,33 +145,58 @@ def test_bank_update_is_eq7_renormalized_and_touches_only_its_rows():
     torch.testing.assert_close(bank[idx], z)
 
 
-def test_uniform_circle_loss_matches_monte_carlo():
-    # Bank spread evenly on the circle, every view embedded exactly on its own entry.
-    negatives, tau = 4096, 0.07
-    n = 100_000
+@pytest.mark.parametrize("tau, expected", [(1.0, 7.554), (0.07, 6.081)])
+def test_loss_floor_matches_monte_carlo(tau, expected):
+    # Bank spread evenly on the circle, every view embedded exactly on its own
+    # entry: the loss the best 2-D embedding reaches.  Figure 1c flattens near
+    # 7.57 at low noise, which is the tau = 1 floor, not the tau = 0.07 one.
+    negatives, n = 4096, 100_000
     angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
     bank = torch.stack([angles.cos(), angles.sin()], 1)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(n, (512,), generator=g)
     losses = [infonce_loss(spiral.ir_scores(bank[idx], bank, idx, torch.randint(n, (negatives,), generator=g), tau))
               for _ in range(8)]
-    assert abs(torch.stack(losses).mean().item() - spiral.uniform_circle_loss(negatives, tau)) < 0.01
-    # and the closed form is below log K: a perfect 2-D embedding still cannot reach 0
-    assert 5.5 < spiral.uniform_circle_loss(negatives, tau) < math.log(negatives + 1)
+    floor = spiral.loss_floor(negatives, tau)
+    assert abs(torch.stack(losses).mean().item() - floor) < 0.01
+    assert abs(floor - expected) < 0.001
+    assert floor < math.log(negatives + 1)
 
 
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
-def test_short_run_lowers_the_loss_and_keeps_the_bank_on_the_circle():
+def test_encoder_is_five_linear_layers_128_wide_with_a_2d_output():
+    encoder = spiral.make_encoder()
+    linears = [m for m in encoder if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2, 128), (128, 128), (128, 128), (128, 128), (128, 2)]
+    # He init (the default): the untrained encoder already spreads directions;
+    # PyTorch's own init (--init default) maps every point to nearly one direction
+    points, _ = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(0))
+    spreads = {}
+    for init in ("he", "default"):
+        spreads[init] = []
+        for seed in range(5):
+            torch.manual_seed(seed)
+            output = spiral.encode(spiral.make_encoder(init=init), points)
+            spreads[init].append(F.normalize(output, dim=1).std(0).norm().item())
+    assert sum(spreads["he"]) / 5 > 0.4 and max(spreads["default"]) < 0.15
+    assert all(h > 2 * d for h, d in zip(spreads["he"], spreads["default"]))
+
+
+def test_short_run_lowers_the_loss_and_calls_the_probe_after_every_epoch():
     points, _ = spiral.make_spirals(2048, generator=torch.Generator().manual_seed(0))
-    encoder, bank, losses = spiral.train_ir(points, 0.4, iters=320, negatives=512, seed=0, progress=False)
-    log_k = math.log(513)
+    calls = []
+    encoder, bank, losses = spiral.train_ir(points, 0.4, iters=330, negatives=512, seed=0, progress=False,
+                                            after_epoch=lambda *a: calls.append(a))
+    log_k, floor = math.log(513), spiral.loss_floor(512, 1.0)
     first, last = sum(losses[:16]) / 16, sum(losses[-16:]) / 16  # one epoch = 16 steps
-    assert last < first - 0.5
-    assert last < log_k - 0.5
+    assert last < first - 0.2 and last < log_k - 0.5 and last > floor - 0.05
     torch.testing.assert_close(bank.norm(dim=1), torch.ones(2048))
-    assert torch.isfinite(torch.tensor(losses)).all()
+    # 330 steps = 20 whole epochs of 16 (and 10 steps of a 21st, not probed)
+    assert [c[0] for c in calls] == list(range(1, 21))
+    assert all(c[1] is encoder for c in calls)
+    assert calls[4][2] == pytest.approx(sum(losses[64:80]) / 16)
 
 
 def test_training_is_reproducible_by_seed():
@@ -174,93 +206,16 @@ def test_training_is_reproducible_by_seed():
     assert runs[0] != runs[2]
 
 
-def test_progress_lines_report_iteration_loss_rate_and_time_left(capsys):
+def test_progress_lines_report_step_loss_rate_and_time_left(capsys):
     points, _ = spiral.make_spirals(512, generator=torch.Generator().manual_seed(0))
     spiral.train_ir(points, 0.2, iters=10, negatives=64, progress=True, label="[x] ")
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("[x] iter     10/10  loss ")
+    assert line.startswith("[x] step     10/10  loss ")
     assert "it/s" in line and "s left" in line
 
 
-def test_encoder_is_five_linear_layers_128_wide_with_a_2d_output():
-    encoder = spiral.make_encoder()
-    linears = [m for m in encoder if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(2, 128), (128, 128), (128, 128), (128, 128), (128, 2)]
-    # He init: the untrained encoder already spreads directions (PyTorch's default does not)
-    points, _ = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    spread = spiral.embed(spiral.make_encoder(), points).std(0).norm()
-    assert spread > 0.3
-
-
-def test_shared_view_fraction_marks_eta_04_as_the_border():
-    # Sec. 4.3: "a noise level of 0.4 is on the border": no view is shared
-    # between the spirals below 0.3, most are at 0.4, all are from 0.5 on.
-    points, labels = spiral.make_spirals(8000, generator=torch.Generator().manual_seed(0))
-    fractions = {eta: spiral.shared_view_fraction(points, labels, eta) for eta in (0.0, 0.3, 0.4, 0.5, 1.0)}
-    assert fractions[0.0] == fractions[0.3] == 0.0
-    assert 0.3 < fractions[0.4] < 0.95
-    assert fractions[0.5] > 0.99 and fractions[1.0] == 1.0
-
-
 # ---------------------------------------------------------------------------
-# Figure 1's claims, in a reduced but honest setting: the paper's data size,
-# negatives, optimiser and network, 2000 iterations (20 epochs) instead of 10k,
-# two seeds.  It guards what our runs showed (README): the loss rises with eta
-# (Fig. 1c), eta = 0 and eta = 5 leave the linear probe at chance, and an
-# intermediate noise level beats both.  After 20 epochs that level is eta = 1
-# (eta = 0.4 is still at chance).  After the full 100 epochs the bump spans
-# eta = 0.2 to 1, its top moves between 0.4 and 1 from one set of seeds to the
-# next, and it stays near 0.55-0.6, not the paper's 0.70 at eta = 0.4: the
-# paper's exact claim did not reproduce, so it is not what this test asserts.
-# ---------------------------------------------------------------------------
-SWEEP_ETAS = (0.0, 0.4, 1.0, 5.0)
-
-
-@pytest.fixture(scope="module")
-def reduced_sweep():
-    # One thread: these tensors are small, and on a busy 2-core machine two
-    # threads wait on each other (measured: up to 5x slower); one is steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _reduced_sweep()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _reduced_sweep():
-    results = {}
-    for seed in (0, 1):
-        g = torch.Generator().manual_seed(seed)
-        train, train_labels = spiral.make_spirals(spiral.N_TRAIN, generator=g)
-        test, test_labels = spiral.make_spirals(4000, generator=g)
-        for eta in SWEEP_ETAS:
-            encoder, _, losses = spiral.train_ir(train, eta, iters=2000, seed=seed, progress=False)
-            accuracy = spiral.transfer_accuracy(spiral.embed(encoder, train), train_labels,
-                                                spiral.embed(encoder, test), test_labels)
-            results[eta, seed] = (sum(losses[-100:]) / 100, accuracy)
-    return results
-
-
-def test_training_loss_rises_with_eta(reduced_sweep):
-    log_k = math.log(spiral.NEGATIVES + 1)
-    for seed in (0, 1):
-        losses = [reduced_sweep[eta, seed][0] for eta in SWEEP_ETAS]
-        assert all(a < b for a, b in zip(losses, losses[1:])), losses
-        assert losses[0] < log_k - 1.5           # eta = 0: the views are easy to tell apart
-        assert abs(losses[-1] - log_k) < 0.15    # eta = 5: next to nothing learned
-
-
-def test_transfer_accuracy_is_chance_at_both_ends_and_higher_in_between(reduced_sweep):
-    mean = {eta: sum(reduced_sweep[eta, seed][1] for seed in (0, 1)) / 2 for eta in SWEEP_ETAS}
-    assert abs(mean[0.0] - 0.5) < 0.04
-    assert abs(mean[5.0] - 0.5) < 0.04
-    assert mean[1.0] > max(mean[0.0], mean[5.0]) + 0.03, mean
-
-
-# ---------------------------------------------------------------------------
-# The transfer probe
+# The transfer probe and the collapse rule
 # ---------------------------------------------------------------------------
 def test_probe_solves_separable_data_and_is_linear():
     g = torch.Generator().manual_seed(0)
@@ -269,8 +224,7 @@ def test_probe_solves_separable_data_and_is_linear():
     centres = torch.tensor([[-1.0, 0.5], [1.0, -0.5]])
     features = centres[labels] + 0.3 * torch.randn(n, 2, generator=g)
     assert spiral.transfer_accuracy(features[:2000], labels[:2000], features[2000:], labels[2000:]) > 0.99
-    # XOR cannot be done by a line: a linear probe stays near chance
-    xor = torch.rand(n, 2, generator=g) * 2 - 1
+    xor = torch.rand(n, 2, generator=g) * 2 - 1   # XOR cannot be done by a line
     xor_labels = ((xor[:, 0] > 0) ^ (xor[:, 1] > 0)).long()
     assert spiral.transfer_accuracy(xor[:2000], xor_labels[:2000], xor[2000:], xor_labels[2000:]) < 0.6
 
@@ -287,9 +241,7 @@ def test_probe_reaches_the_optimum_of_the_logistic_loss():
     assert theta.grad.abs().max() < 1e-8
 
 
-def test_probe_does_not_depend_on_the_representations_scale():
-    # The eta = 5 puzzle: a nearly collapsed representation is still a (tiny)
-    # feature map.  Our probe gives the same answer at any scale and offset.
+def test_probe_does_not_depend_on_the_features_scale_or_offset():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4000, 2, generator=g)
     labels = (x[:, 0] + 0.5 * torch.randn(4000, generator=g) > 0).long()
@@ -297,20 +249,115 @@ def test_probe_does_not_depend_on_the_representations_scale():
                   for f in (x, x * 1e-3 + 5, x * 1e3)]
     assert max(accuracies) - min(accuracies) < 1e-9
     assert accuracies[0] > 0.75
-    # a constant representation carries nothing: chance, not an error
-    constant = torch.ones(4000, 2)
-    assert abs(spiral.transfer_accuracy(constant[:2000], labels[:2000], constant[2000:], labels[2000:]) - 0.5) < 0.05
+
+
+def _spiral_data(n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return spiral.make_spirals(n, generator=g) + spiral.make_spirals(n, generator=g)
+
+
+def test_both_readings_are_invariant_to_rescaling_the_encoder_output():
+    data = _spiral_data()
+    torch.manual_seed(0)
+    encoder = spiral.make_encoder()
+    results = []
+    for scale in (1.0, 1e-3, 1e3):
+        scaled = spiral.make_encoder()
+        scaled.load_state_dict(encoder.state_dict())
+        with torch.no_grad():
+            scaled[-1].weight.mul_(scale)
+            scaled[-1].bias.mul_(scale)
+        results.append(spiral.evaluate(scaled, *data, information=1.0))
+    for key in ("raw", "normalized"):
+        assert results[0][key] == results[1][key] == results[2][key], key
+    # the untrained map reads something, and the two readings differ: not a constant answer
+    assert results[0]["raw"] != 0.5 and results[0]["raw"] != results[0]["normalized"]
+
+
+def test_a_representation_that_learned_nothing_scores_chance():
+    # The collapse rule: when log K - loss (the InfoNCE estimate of what two
+    # views share) is below MIN_INFORMATION, both readings report chance and
+    # the probe's own answer is kept beside them.
+    data = _spiral_data()
+    torch.manual_seed(1)
+    encoder = spiral.make_encoder()
+    low = spiral.evaluate(encoder, *data, information=spiral.MIN_INFORMATION / 2)
+    high = spiral.evaluate(encoder, *data, information=spiral.MIN_INFORMATION * 2)
+    assert low["collapsed"] and not high["collapsed"]
+    assert low["raw"] == low["normalized"] == 0.5
+    assert (low["raw_fit"], low["normalized_fit"]) == (high["raw"], high["normalized"])
+    assert high["raw"] == high["raw_fit"] != 0.5
+    # loss above log K (information < 0, e.g. the first steps) counts as nothing learned too
+    assert spiral.evaluate(encoder, *data, information=-0.2)["raw"] == 0.5
 
 
 # ---------------------------------------------------------------------------
-# Command line: errors before training, a tiny end-to-end run, --help
+# Figure 1's claims in a reduced configuration (see the comment below)
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["--eta", "-1"], "eta"),
-    (["--sweep", "0", "-0.5"], "eta"),
-    (["--eta", "nan"], "eta"),
+# The paper's data, negatives, optimiser, network and tau = 1, 1,500
+# iterations (15 epochs) instead of 10k, seeds 0 and 1, eta = 0, 0.4, 1, 5.
+# With the learning rate constant, these runs are the first 15 epochs of the
+# README's 5-seed sweep.  What they assert held at epoch 15 for every one of
+# seeds 0-4 there (the mean-of-two check: for every pair of them), and still
+# holds after 100 epochs:
+#   * the loss rises with eta (Fig. 1c): per seed, eta 0 < 0.4 < 1 < 5
+#     (smallest gap 0.035 nats);
+#   * eta = 0 sits on the 2-D floor (7.555-7.561 against 7.554);
+#   * eta = 5 stays at log K: log K - loss 0.009-0.017, under MIN_INFORMATION
+#     (0.03), so both readings report chance;
+#   * eta = 0 is at chance in both readings (0.458-0.525);
+#   * the normalised reading at eta = 1 beats eta = 0 (mean of the two seeds;
+#     0.065 for the worst pair of seeds at epoch 15, 0.11 over 5 seeds at
+#     epoch 100).
+# What is not asserted, because it did not hold across seeds: any peak of the
+# raw-output accuracy, and the paper's 0.70 at eta = 0.4 (README).
+GUARD_ETAS, GUARD_SEEDS, GUARD_ITERS = (0.0, 0.4, 1.0, 5.0), (0, 1), 1500
+
+
+@pytest.fixture(scope="module")
+def reduced_sweep():
+    results = {}
+    steps_per_epoch = spiral.N_TRAIN // spiral.BATCH_SIZE
+    for seed in GUARD_SEEDS:
+        g = torch.Generator().manual_seed(seed)
+        data = spiral.make_spirals(spiral.N_TRAIN, generator=g) + spiral.make_spirals(spiral.N_TEST, generator=g)
+        for eta in GUARD_ETAS:
+            encoder, _, losses = spiral.train_ir(data[0], eta, iters=GUARD_ITERS, seed=seed, progress=False)
+            loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
+            result = spiral.evaluate(encoder, *data, information=math.log(spiral.NEGATIVES + 1) - loss)
+            results[eta, seed] = dict(result, loss=loss)
+    return results
+
+
+def test_reduced_sweep_loss_rises_with_eta_from_the_floor_to_log_k(reduced_sweep):
+    log_k, floor = math.log(spiral.NEGATIVES + 1), spiral.loss_floor(spiral.NEGATIVES, spiral.TAU)
+    for seed in GUARD_SEEDS:
+        losses = [reduced_sweep[eta, seed]["loss"] for eta in GUARD_ETAS]
+        assert all(a < b for a, b in zip(losses, losses[1:])), losses
+        assert floor - 0.005 < losses[0] < floor + 0.02
+        assert 0 < log_k - losses[-1] < spiral.MIN_INFORMATION
+
+
+def test_reduced_sweep_accuracy_at_chance_at_both_ends_and_above_it_normalized_at_eta_1(reduced_sweep):
+    for seed in GUARD_SEEDS:
+        at_5 = reduced_sweep[5.0, seed]
+        assert at_5["collapsed"] and at_5["raw"] == at_5["normalized"] == 0.5
+        assert abs(reduced_sweep[0.0, seed]["raw"] - 0.5) < 0.05
+        assert abs(reduced_sweep[0.0, seed]["normalized"] - 0.5) < 0.05
+        assert not reduced_sweep[1.0, seed]["collapsed"]
+    normalized = {eta: sum(reduced_sweep[eta, s]["normalized"] for s in GUARD_SEEDS) / 2 for eta in GUARD_ETAS}
+    assert normalized[1.0] > normalized[0.0] + 0.05, normalized
+
+
+# ---------------------------------------------------------------------------
+# Command line: errors before training, a tiny end-to-end run with the figure, --help
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["--eta", "-1"], "--eta"),
+    (["--sweep", "0", "-0.5"], "--sweep"),
+    (["--eta", "nan"], "--eta"),
+    (["--eta", "abc"], "--eta"),
     (["--iters", "0"], "--iters"),
-    (["--iters", "-5"], "--iters"),
     (["--negatives", "20000"], "--negatives"),
     (["--n-train", "1000", "--negatives", "1001"], "--negatives"),
     (["--batch-size", "0"], "--batch-size"),
@@ -319,47 +366,84 @@ def test_probe_does_not_depend_on_the_representations_scale():
     (["--alpha", "1"], "--alpha"),
     (["--lr", "-0.1"], "--lr"),
     (["--momentum", "1.5"], "--momentum"),
+    (["--weight-decay", "nan"], "--weight-decay"),
     (["--turns", "0"], "--turns"),
+    (["--inner-radius", "-0.1"], "--inner-radius"),
+    (["--outer-radius", "0.2"], "--outer-radius"),
     (["--threads", "0"], "--threads"),
-    (["--warmup", "-1"], "--warmup"),
     (["--n-test", "1"], "--n-test"),
     (["--device", "nonsense"], "--device"),
     (["--out", "figure.txt"], "--out"),
+    (["--bogus"], "--bogus"),
 ])
-def test_bad_arguments_fail_before_training(argv, message, capsys):
-    start = time.perf_counter()
+def test_bad_arguments_fail_before_training_as_one_line(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         spiral.main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert time.perf_counter() - start < 5  # no training happened
+    captured = capsys.readouterr()
+    assert "step" not in captured.out                    # no training started
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spiral.py: error:") and flag in lines[0], captured.err
 
 
-def test_unwritable_output_path_fails_before_training(tmp_path, capsys):
+def test_bad_argument_from_the_shell_is_one_line_and_status_2():
+    done = subprocess.run([sys.executable, "spiral.py", "--eta", "-1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1 and "--eta" in done.stderr
+
+
+def test_unwritable_paths_fail_before_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        spiral.main(["--out", str(blocker / "figure.png")])
-    assert exit_info.value.code == 2
-    assert "--out" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        spiral.main(["--out", str(tmp_path)])  # a folder, not a file
+    for argv, flag in ((["--out", str(blocker / "figure.png")], "--out"), (["--out", str(tmp_path)], "--out"),
+                       (["--results", str(tmp_path)], "--results")):
+        with pytest.raises(SystemExit) as exit_info:
+            spiral.main(argv)
+        assert exit_info.value.code == 2
+        assert flag in capsys.readouterr().err
 
 
-def test_tiny_sweep_end_to_end(tmp_path, capsys):
-    out = tmp_path / "fig.png"
-    results = spiral.main(["--sweep", "0", "0.4", "--seeds", "2", "--iters", "40", "--n-train", "512",
-                           "--n-test", "512", "--negatives", "64", "--out", str(out)])
+def test_tiny_sweep_end_to_end_saves_resumes_and_draws_every_panel(tmp_path, capsys):
+    out, saved = tmp_path / "fig.png", tmp_path / "runs.pt"
+    argv = ["--sweep", "0", "0.4", "--seeds", "2", "--iters", "40", "--n-train", "256", "--n-test", "256",
+            "--negatives", "64", "--batch-size", "32", "--out", str(out), "--results", str(saved)]
+    results = spiral.main(argv)
     printed = capsys.readouterr().out
     assert out.exists() and out.stat().st_size > 10_000
     assert len(results) == 4 and {r["eta"] for r in results} == {0.0, 0.4}
-    assert "transfer accuracy" in printed and "+-" in printed and "iter" in printed
+    assert "transfer accuracy" in printed and "+-" in printed and "step" in printed
     for r in results:
         assert 0.0 <= r["accuracy"] <= 1.0 and len(r["losses"]) == 40
+        assert r["curves"]["epoch"] == [1, 2, 3, 4, 5]          # 40 steps of 32 over 256 points: 5 epochs
+    # a second call with the same settings loads the runs instead of training
+    again = spiral.main(argv)
+    printed = capsys.readouterr().out
+    assert "[saved]" in printed and "step " not in printed
+    assert [r["losses"] for r in again] == [r["losses"] for r in results]
+    # ... and refuses, before training, to mix in runs made with other settings
+    with pytest.raises(SystemExit) as exit_info:
+        spiral.main(argv + ["--tau", "0.5"])
+    assert exit_info.value.code == 2
+    assert "--results" in capsys.readouterr().err
+    # Figure 1's panels: (a) views and (b) representations, one small multiple
+    # per eta; (c) loss, (d) accuracy per epoch, (e) final accuracy against eta
+    fig = spiral.plot_figure1(results, [0.0, 0.4], spiral.build_parser().parse_args(argv), str(out))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert sum(t.startswith("noise: ") and "acc" not in t for t in titles) == 2            # (a)
+    assert sum(t.startswith("noise: ") and "acc" in t for t in titles) == 2                # (b)
+    for panel in ("(c) training loss", "(d) transfer accuracy after every epoch", "(e) final accuracy"):
+        assert sum(t.startswith(panel) for t in titles) == 1, titles
+    loss_panel = next(ax for ax in fig.axes if ax.get_title().startswith("(c)"))
+    assert len(loss_panel.lines[0].get_xdata()) == 40                                    # every iteration
+    accuracy_panel = next(ax for ax in fig.axes if ax.get_title().startswith("(d)"))
+    assert list(accuracy_panel.lines[0].get_xdata()) == [1, 2, 3, 4, 5]                 # every epoch
 
 
-def test_help_runs():
-    done = subprocess.run([sys.executable, "spiral.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_help_explains_the_flags():
+    done = subprocess.run([sys.executable, "spiral.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0
-    assert "--eta" in done.stdout and "--sweep" in done.stdout
+    for flag in ("--eta", "--sweep", "--tau", "--inner-radius", "--outer-radius", "--results"):
+        assert flag in done.stdout
+    assert "Figure 1" in done.stdout and "Eq. 5" in done.stdout and "Eq. 7" in done.stdout
