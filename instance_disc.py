@@ -186,7 +186,7 @@ class BackgroundLogits(torch.autograd.Function):
     """logits, neighbours = BackgroundLogits.apply(q, bank, k, anchor=None): B_i, the k rows of bank nearest to
     anchor [B, d] (None: to q), and logits[b, j] = q[b] . bank[neighbours[b, j]].  The backward goes through those
     k rows only (embedding_bag); autograd through topk would multiply a dense [B, N] gradient by the whole bank
-    (tests/bench_losses.py, N = 100k, one CPU thread: 29 ms instead of 118 ms per step).  No gradient to bank."""
+    (tests/bench_losses.py, N = 100k, one idle CPU thread: 24 ms, not 76 ms).  No gradient to bank."""
 
     @staticmethod
     def forward(ctx, q, bank, k, anchor=None):
