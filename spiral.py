@@ -250,8 +250,8 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
     infonce_loss (log K when nothing is learned, K = negatives + 1).
     after_epoch(epoch, encoder, epoch_loss), if given, runs after every full
     pass over the data (the transfer probe of Figure 1d) with the epoch's mean
-    loss; a string it returns is added to the progress line.  Progress (step, loss, rate, time
-    left) is printed every ~2 s if `progress`.
+    loss; a string it returns is added to the progress line.  Progress (step,
+    loss, rate, time left) is printed every ~2 s if `progress`.
     """
     n = points.shape[0]
     check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha)
@@ -378,11 +378,11 @@ def evaluate(encoder, train_points, train_labels, test_points, test_labels, info
     reported beside the rule.
     """
     train_raw, test_raw = encode(encoder, train_points), encode(encoder, test_points)
+    majority = int(train_labels.double().mean() >= 0.5)   # the best constant guess
+    chance = (test_labels == majority).double().mean().item()
     result = {"information": information, "collapsed": information < MIN_INFORMATION}
     for name, transform in (("raw", lambda f: f), ("normalized", lambda f: F.normalize(f, dim=1))):
         result[name + "_fit"] = transfer_accuracy(transform(train_raw), train_labels, transform(test_raw), test_labels)
-        majority = int(train_labels.double().mean() >= 0.5)   # the best constant guess
-        chance = (test_labels == majority).double().mean().item()
         result[name] = chance if result["collapsed"] else result[name + "_fit"]
     return result
 
@@ -418,7 +418,7 @@ def run_setting(eta, seed, args, label="", progress=True):
                                   device=args.device, after_epoch=after_epoch, progress=progress, label=label,
                                   init=args.init)
     seconds = time.perf_counter() - start
-    last_epoch = losses[-min(len(losses), max(1, args.n_train // args.batch_size)):]
+    last_epoch = losses[-(args.n_train // args.batch_size):]    # the last epoch (or all of a shorter run)
     final_loss = sum(last_epoch) / len(last_epoch)
     final = evaluate(encoder, *data, information=log_k - final_loss)
     return {
@@ -426,7 +426,7 @@ def run_setting(eta, seed, args, label="", progress=True):
         "accuracy": final["raw"], "accuracy_normalized": final["normalized"],
         "accuracy_fit": final["raw_fit"], "accuracy_normalized_fit": final["normalized_fit"],
         "collapsed": final["collapsed"], "curves": curves, "encoder": encoder.cpu().state_dict(),
-        "seconds": seconds, "probe_seconds": probe_seconds[0], "epochs_probed": len(curves["epoch"]),
+        "seconds": seconds, "probe_seconds": probe_seconds[0],
         # a linear probe on the raw (x, y) coordinates: the reference "chance" for this geometry
         "input_accuracy": transfer_accuracy(train_points, train_labels, test_points, test_labels),
         "test_points": test_points, "test_labels": test_labels, "test_output": encode(encoder, test_points),
@@ -691,7 +691,7 @@ def main(argv=None):
         print(f"{label}final loss {r['final_loss']:.3f} (log K = {log_k:.3f}), transfer accuracy "
               f"{r['accuracy']:.3f} (normalized {r['accuracy_normalized']:.3f}"
               f"{', loss at log K: chance' if r['collapsed'] else ''})  ({r['seconds']:.1f} s, of which probe "
-              f"{r['probe_seconds']:.1f} s over {r['epochs_probed']} epochs){'  [saved]' if (eta, seed) in saved else ''}",
+              f"{r['probe_seconds']:.1f} s over {len(r['curves']['epoch'])} epochs){'  [saved]' if (eta, seed) in saved else ''}",
               flush=True)
         results.append(r)
         saved[eta, seed] = r

@@ -110,6 +110,9 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also time the eight-eta sweep of Figure 1 (one seed)")
     p.add_argument("--threads", type=int, default=spiral.THREADS, help="torch threads (default: spiral.py's, 1)")
     args = p.parse_args()
+    steps_per_epoch = spiral.N_TRAIN // spiral.BATCH_SIZE
+    if args.iters < steps_per_epoch:   # the baselines report the probe after the last whole epoch
+        p.error(f"--iters must be at least one epoch ({steps_per_epoch}), got {args.iters}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), "
           f"load average at the start {os.getloadavg()[0]:.2f} (above ~0.5 other jobs share the cores)")
@@ -118,7 +121,7 @@ def main():
     # second): do it once here, so that whichever run comes first is not charged.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     per_epoch = probe_cost()
-    epochs = args.iters // (spiral.N_TRAIN // spiral.BATCH_SIZE)
+    epochs = args.iters // steps_per_epoch
     print(f"transfer probe (spiral.evaluate, both readings, {spiral.N_TRAIN} + {spiral.N_TEST} points): "
           f"{1e3 * per_epoch:.1f} ms per epoch, {per_epoch * epochs:.1f} s over {epochs} epochs")
 
