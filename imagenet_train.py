@@ -630,13 +630,14 @@ def train_step(run, images, idx, keep=None):
     run.scaler.step(run.optimizer)
     run.scaler.update()
     z = z.detach()
-    if keep is not None:  # leave DistributedSampler's padding repeats out of Eq. 7
-        idx, z = idx[keep], z[keep.to(z.device, non_blocking=True)]
+    if keep is not None:  # leave DistributedSampler's padding repeats out of Eq. 7 (marked -1)
+        idx = torch.full_like(idx, -1).index_copy_(0, keep, idx[keep])
     # Eq. 7, then re-normalise; all-gathered over ranks inside.  idx stays on the CPU, where the
     # DataLoader put it: the update reads it on the host, which on a GPU bank is then free.
     run.bank.update(idx, z, args.alpha)
     if run.update_counts is not None:  # test hook: Eq. 7 updates per row, summed over ranks
         written = all_gather_rows(idx.to(run.update_counts.device))
+        written = written[written >= 0]  # padding rows (-1) get no update
         run.update_counts.index_add_(0, written, torch.ones_like(written))
     run.global_step += 1
     # torch.where, not an `if`: an `if` on a GPU value would make the host wait for it.

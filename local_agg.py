@@ -132,12 +132,18 @@ def warn_if_kmeans_on_cpu(device, num_points, num_clusters, num_clusterings, nit
 
 def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
                max_points_per_centroid=None, verbose=True,
-               return_objectives=False):
+               return_objectives=False, clusterings=None, threads=None):
     """H = num_clusterings k-means clusterings of the bank rows (Appendix D).
 
     bank: [N, d] tensor (any device/float dtype; e.g. MemoryBank.vectors).
     Returns a LongTensor [H, N] on the CPU: row h holds the cluster id in
-    [0, num_clusters) of every bank entry under clustering h.  With
+    [0, num_clusters) of every bank entry under clustering h.
+    clusterings: which of the H clusterings to run (default: all); the result
+    then has one row per entry, in that order.  Clustering h always uses seed
+    + h, so spreading the H clusterings over several processes (rank r runs
+    h = r, r + W, ...) gives the same labels as one process running all H.
+    threads: faiss's CPU threads for this call (default: faiss's setting,
+    which follows OMP_NUM_THREADS; torchrun sets that to 1).  With
     return_objectives=True, also a list of H floats: faiss's k-means objective
     (sum over points of the squared L2 distance to the assigned centroid) at
     its last iteration, read from `Kmeans.obj` (see below).
@@ -176,6 +182,11 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         raise ValueError(f"num_clusters must be an integer in [1, N={n}], got {num_clusters}")
     if int(num_clusterings) != num_clusterings or num_clusterings < 1:
         raise ValueError(f"num_clusterings must be an integer >= 1, got {num_clusterings}")
+    which = list(range(num_clusterings)) if clusterings is None else [int(h) for h in clusterings]
+    if any(not 0 <= h < num_clusterings for h in which):
+        raise ValueError(f"clusterings must lie in [0, {num_clusterings}), got {which}")
+    if threads is not None and (int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be None or an integer >= 1, got {threads}")
     if int(niter) != niter or niter < 1:
         raise ValueError(f"niter must be an integer >= 1, got {niter}")
     if max_points_per_centroid is None:
@@ -195,10 +206,13 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
     use_gpu = faiss_has_gpu()
     gpu_device = bank.device.index if (bank.is_cuda and bank.device.index is not None) else 0
 
-    labels = torch.empty(num_clusterings, n, dtype=torch.long)
+    labels = torch.empty(len(which), n, dtype=torch.long)
     objectives = []
     start = time.perf_counter()
-    for h in range(num_clusterings):
+    threads_before = faiss.omp_get_max_threads()
+    if threads is not None:
+        faiss.omp_set_num_threads(int(threads))
+    for row, h in enumerate(which):
         kmeans = faiss.Kmeans(d, int(num_clusters), niter=int(niter), seed=int(seed) + h,
                               max_points_per_centroid=int(max_points_per_centroid),
                               verbose=False)
@@ -216,14 +230,15 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         objective = float(kmeans.obj[-1])
         objectives.append(objective)
         _, assignment = kmeans.assign(x)       # nearest final centroid of every row
-        labels[h] = torch.from_numpy(assignment.astype(np.int64))
+        labels[row] = torch.from_numpy(assignment.astype(np.int64))
         if verbose:
             elapsed = time.perf_counter() - start
-            left = elapsed / (h + 1) * (num_clusterings - h - 1)
-            print(f"k-means {h + 1}/{num_clusterings}: N={n} K={num_clusters} seed={int(seed) + h} "
+            left = elapsed / (row + 1) * (len(which) - row - 1)
+            print(f"k-means {row + 1}/{len(which)} (h = {h}): N={n} K={num_clusters} seed={int(seed) + h} "
                   f"objective {kmeans.obj[0]:.4g} -> {objective:.4g} in {len(kmeans.obj)} iterations, "
-                  f"{elapsed / (h + 1):.2f} s/clustering, ~{left:.1f} s left "
-                  f"({'GPU' if use_gpu else 'CPU'} faiss)", flush=True)
+                  f"{elapsed / (row + 1):.2f} s/clustering, ~{left:.1f} s left "
+                  f"({'GPU' if use_gpu else 'CPU'} faiss, {faiss.omp_get_max_threads()} threads)", flush=True)
+    faiss.omp_set_num_threads(threads_before)
     if return_objectives:
         return labels, objectives
     return labels

@@ -70,89 +70,38 @@ class MemoryBank:
         self.num_updates = 0  # update() calls so far; part of the checkpoint
 
     # ------------------------------------------------------------------
-    # Eq. 7 (+ re-normalization), with duplicates and several processes.
+    # Eq. 7 (+ re-normalization).
     # ------------------------------------------------------------------
     @torch.no_grad()
     def update(self, indices, vectors, alpha, renormalize=True):
         """Eq. 7 for the rows `indices`: M[i] <- alpha*M[i] + (1-alpha)*v, then ||M[i]|| = 1.
 
-        indices: integer tensor [B] (dataset index of each image in the batch),
-            best left on the CPU where the DataLoader puts it: then an update of
-            a bank on a GPU makes no host synchronization (_batch_of_every_rank).
-            Duplicates and torch.distributed: see _batch_of_every_rank.
-        vectors: [B, d], the encoder outputs E(v(x_i, a)) of this step, i.e.
-            the same L2-normalized z the loss saw (any float dtype and device;
-            detached and cast to the bank's dtype and device here).
-        alpha:   float in [0, 1).  alpha = 0 stores exactly the newest view;
-            alpha = 1 would keep the random initial row forever, so it is
-            rejected (Appendix D uses 0.5).
-        renormalize: True (default, as every reference implementation does);
-            False applies the paper's literal Eq. 7 and leaves rows off the sphere,
-            only for studying Eq. 9 (the losses assume unit rows).
+        indices: integer tensor [B], the dataset index of each image; -1 marks a padding row,
+            which gets no update.  Best left on the CPU, where the DataLoader puts it: the
+            indices are only read on the host, so a bank on a GPU then updates without waiting
+            for the GPU.
+        vectors: [B, d], the z the loss saw (detached and cast to the bank's dtype and device).
+        alpha: float in [0, 1); 0 stores the newest view, 1 would never move (App. D: 0.5).
+        renormalize: True, as the reference code does; False is the literal Eq. 7, whose rows
+            leave the unit sphere (only for studying Eq. 9: the losses assume unit rows).
+
+        Under torch.distributed every rank passes the same B (the trainer's sampler pads its
+        batches and marks the padding -1), and every rank applies all ranks' rows, rank 0's
+        first, so the banks stay identical.  An index that occurs several times gets Eq. 7 once
+        per occurrence, in order, as if the occurrences came in consecutive steps.
         """
-        indices, vectors, alpha = self._batch_of_every_rank(indices, vectors, alpha)
-        for rows, new in _rounds_without_duplicates(indices, vectors):  # one round unless an index repeats
+        _check_update(self, indices, vectors, alpha)
+        indices, vectors = _from_every_rank(indices.to("cpu", torch.long), vectors.detach())
+        if indices.numel() and (indices.min() < -1 or indices.max() >= self.size):  # on every rank
+            raise IndexError(f"indices must lie in [0, N) = [0, {self.size}) or be -1 (padding)")
+        vectors = vectors.to(self.vectors.device, self.vectors.dtype, non_blocking=True)
+        for rows, new in _rounds_without_duplicates(indices, vectors):
             # Eq. 7: M[i] <- alpha * M[i] + (1 - alpha) * E(v(x_i, a))
             mixed = alpha * self.vectors[rows] + (1.0 - alpha) * new
-            if renormalize:  # not in the paper's Eq. 7; what the reference code does (module docstring)
+            if renormalize:  # not in the paper's Eq. 7; what the reference code does
                 mixed = torch.nn.functional.normalize(mixed, dim=1)
             self.vectors.index_copy_(0, rows, mixed)  # rows are unique within a round
         self.num_updates += 1
-
-    def _batch_of_every_rank(self, indices, vectors, alpha):
-        """update()'s argument checks; returns (indices: int64 on the CPU, vectors: the bank's dtype
-        and device, alpha: float), concatenated over every rank under torch.distributed.
-
-        Duplicates: if an index occurs several times (in this batch or, under
-        torch.distributed, in the batches of several ranks), Eq. 7 is applied
-        once per occurrence, in order of appearance (rank 0's batch first, then
-        rank 1's, ...), exactly as if they had arrived in consecutive steps
-        (`_rounds_without_duplicates`).  This is deterministic; a plain
-        `index_copy_` (lemniscate, LA) keeps one of the duplicates, which one
-        being unspecified.
-
-        Distributed: if torch.distributed is initialized with world size > 1, all
-        ranks' (indices, vectors) are all-gathered first (`_all_gather_uneven`;
-        ranks may have different batch sizes, e.g. the last batch of an epoch),
-        and every rank applies the same updates in the same order, so the banks
-        stay bit-identical.  Cost per call: one all_gather of one int64 (the
-        batch sizes) and two of world * B_max entries (the int64 indices and the
-        [B_max, d] vectors in the bank's dtype, padded to the largest batch): at
-        d = 128, B = 256, fp32, 8 ranks that is 8 * 256 * (128*4 + 8) bytes =
-        1.1 MB received per rank per step, plus world * B rows of Eq. 7.
-        Without torch.distributed (or world size 1) there is no communication.
-
-        Devices: the indices are only ever read on the CPU (their range, the
-        duplicate rounds), so with CPU indices and a bank on a GPU an update
-        makes no host synchronization.  Indices on a GPU are copied to the CPU
-        first, which waits for the GPU once per call; so does the all-gather of
-        the batch sizes under torch.distributed.
-        """
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 <= float(alpha) < 1.0):
-            raise ValueError(f"alpha (the Eq. 7 update rate) must be a float in [0, 1), got {alpha!r}")
-        if not torch.is_tensor(indices) or indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(
-                f"indices must be a 1-D integer tensor [B], got "
-                f"{tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__}"
-                f"{' of dtype ' + str(indices.dtype) if torch.is_tensor(indices) else ''}"
-            )
-        if not torch.is_tensor(vectors) or vectors.dim() != 2 or vectors.shape != (indices.shape[0], self.dim):
-            raise ValueError(
-                f"vectors must be a tensor [B, d] = [{indices.shape[0]}, {self.dim}] matching indices, got "
-                f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}"
-            )
-        if not vectors.dtype.is_floating_point:
-            raise ValueError(f"vectors must be floating point, got dtype {vectors.dtype}")
-        indices = indices.detach().to("cpu", torch.long)
-        vectors = vectors.detach().to(self.vectors.device, self.vectors.dtype, non_blocking=self.vectors.is_cuda)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            indices, vectors = _all_gather_uneven(indices, vectors)
-        # Checked after the gather so that a bad index raises on every rank at
-        # once instead of leaving the other ranks waiting in the next collective.
-        if indices.numel() > 0 and (indices.min() < 0 or indices.max() >= self.size):
-            raise IndexError(f"indices must lie in [0, N) = [0, {self.size}) for this bank; got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
-        return indices, vectors, float(alpha)
 
     # ------------------------------------------------------------------
     # Neighbour queries (no copy of the bank).
@@ -244,12 +193,15 @@ def _occurrence_rank(indices):
 def _rounds_without_duplicates(indices, vectors):
     """Split a batch into rounds in which no index repeats; yields (rows, vectors) per round.
 
-    indices: int64 [B] on the CPU; vectors: [B, d] on the bank's device.  Round r
-    holds the r-th occurrence of every index, in batch order, so applying Eq. 7
-    round after round applies it once per occurrence, in order of appearance.
-    A batch without duplicates is one round, passed through as it is.  The rows
-    are sent to the vectors' device without waiting (non_blocking).
+    indices: int64 [B] on the CPU, -1 for padding rows (left out); vectors: [B, d] on the
+    bank's device.  Round r holds the r-th occurrence of every index, in batch order, so Eq. 7
+    applied round after round is applied once per occurrence, in order of appearance.  The
+    usual batch (no padding, no duplicates) is one round, passed through as it is.
     """
+    kept = (indices >= 0).nonzero().squeeze(1)  # on the CPU: no wait for the GPU
+    if len(kept) < len(indices):
+        indices = indices[kept]
+        vectors = vectors.index_select(0, kept.to(vectors.device, non_blocking=True))
     occurrence = _occurrence_rank(indices)
     num_rounds = int(occurrence.max()) + 1 if indices.numel() > 0 else 0
     for round_ in range(num_rounds):
@@ -257,38 +209,44 @@ def _rounds_without_duplicates(indices, vectors):
             yield indices.to(vectors.device, non_blocking=True), vectors
         else:
             positions = (occurrence == round_).nonzero().squeeze(1)  # on the CPU
-            yield (indices[positions].to(vectors.device, non_blocking=True),
-                   vectors.index_select(0, positions.to(vectors.device, non_blocking=True)))
+            yield (
+                indices[positions].to(vectors.device, non_blocking=True),
+                vectors.index_select(0, positions.to(vectors.device, non_blocking=True)),
+            )
 
 
-def _all_gather_uneven(indices, vectors):
-    """All-gather (indices [B_r], vectors [B_r, d]) from every rank, B_r may differ per rank.
+def _from_every_rank(indices, vectors):
+    """All ranks' (indices [W*B], vectors [W*B, d]), rank 0's rows first; the identity
+    without torch.distributed.
 
-    dist.all_gather needs equal shapes, so: gather the sizes, pad each rank's
-    batch to the largest with dummy rows, gather, and cut the padding off
-    again.  Returns the concatenation in rank order, identical on every rank.
-    NCCL needs CUDA tensors, gloo is safest with CPU ones: we send from the
-    device the backend wants and bring each result back to where its input was.
+    Every rank passes the same B, so each tensor needs one all_gather of a known size and the
+    host never learns a size from the device.  The vectors are gathered where they are (NCCL:
+    on the GPU).  The indices stay on the CPU when the process group can gather CPU tensors
+    (gloo, or the trainer's "cpu:gloo,cuda:nccl"); a plain NCCL group gathers them on the GPU
+    and this is then one point where the host waits for the GPU.
     """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return indices, vectors
     world = dist.get_world_size()
-    home = vectors.device
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    size = torch.tensor([indices.shape[0]], dtype=torch.long, device=comm)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    largest = max(sizes)
-    padded_idx = torch.full((largest,), -1, dtype=torch.long, device=comm)
-    padded_vec = torch.zeros(largest, vectors.shape[1], dtype=vectors.dtype, device=comm)
-    padded_idx[: indices.shape[0]] = indices.to(comm)
-    padded_vec[: vectors.shape[0]] = vectors.to(comm)
-    all_idx = [torch.empty_like(padded_idx) for _ in range(world)]
-    all_vec = [torch.empty_like(padded_vec) for _ in range(world)]
-    dist.all_gather(all_idx, padded_idx)
-    dist.all_gather(all_vec, padded_vec)
-    indices = torch.cat([all_idx[r][: sizes[r]] for r in range(world)]).to(indices.device)
-    vectors = torch.cat([all_vec[r][: sizes[r]] for r in range(world)]).to(home)
-    return indices, vectors
+    on_cpu = "gloo" in str(dist.get_backend())
+    idx = indices if on_cpu else indices.to(vectors.device)
+    all_idx = [torch.empty_like(idx) for _ in range(world)]
+    all_vec = [torch.empty_like(vectors) for _ in range(world)]
+    dist.all_gather(all_idx, idx)
+    dist.all_gather(all_vec, vectors)
+    return torch.cat(all_idx).cpu(), torch.cat(all_vec)
+
+
+def _check_update(bank, indices, vectors, alpha):
+    """update()'s argument checks, one line each (values are read only for the CPU indices)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < 1:
+        raise ValueError(f"alpha (the Eq. 7 update rate) must be a float in [0, 1), got {alpha!r}")
+    if not torch.is_tensor(indices) or indices.dim() != 1 or indices.is_floating_point():
+        raise ValueError(f"indices must be a 1-D integer tensor [B], got {indices!r:.80}")
+    if not torch.is_tensor(vectors) or vectors.shape != (len(indices), bank.dim):
+        raise ValueError(f"vectors must be [B, d] = [{len(indices)}, {bank.dim}], got {vectors!r:.80}")
+    if not vectors.is_floating_point():
+        raise ValueError(f"vectors must be floating point, got dtype {vectors.dtype}")
 
 
 # ----------------------------------------------------------------------

@@ -506,3 +506,40 @@ except ImportError as error:
     assert has_gpu == "False"
     assert warned == "True 1"                         # a GPU bank and no GPU faiss: the warning, once
     assert error.startswith("ImportError:") and "faiss" in error and "pip install" in error
+
+
+def test_run_kmeans_spread_over_ranks_gives_the_labels_of_one_process():
+    """Rank r of W runs clusterings h = r, r + W, ...; clustering h uses seed + h wherever it runs."""
+    bank, _ = clustered_bank(n=300, d=8, classes=6)
+    every = run_kmeans(bank, 6, num_clusterings=5, seed=3, verbose=False)
+    for world in (2, 3):
+        parts = {h: row for r in range(world)
+                 for h, row in zip(range(r, 5, world),
+                                   run_kmeans(bank, 6, 5, seed=3, verbose=False,
+                                              clusterings=range(r, 5, world)), strict=True)}
+        assert torch.equal(torch.stack([parts[h] for h in range(5)]), every)
+    with pytest.raises(ValueError, match="clusterings"):
+        run_kmeans(bank, 6, 5, clusterings=[5], verbose=False)
+
+
+def test_run_kmeans_threads_apply_to_the_call_only():
+    import faiss
+
+    bank, _ = clustered_bank(n=200, d=8, classes=4)
+    before = faiss.omp_get_max_threads()
+    seen = []
+    real_kmeans = faiss.Kmeans
+
+    class Spy(real_kmeans):
+        def train(self, x, *args, **kwargs):
+            seen.append(faiss.omp_get_max_threads())
+            return super().train(x, *args, **kwargs)
+
+    faiss.Kmeans = Spy
+    try:
+        run_kmeans(bank, 4, 2, verbose=False, threads=2)
+    finally:
+        faiss.Kmeans = real_kmeans
+    assert seen == [2, 2] and faiss.omp_get_max_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        run_kmeans(bank, 4, 2, verbose=False, threads=0)

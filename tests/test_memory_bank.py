@@ -91,7 +91,7 @@ def test_alpha_outside_unit_interval_is_rejected(alpha):
     assert torch.equal(bank.vectors, before)
 
 
-@pytest.mark.parametrize("bad", [-1, 4, 100])
+@pytest.mark.parametrize("bad", [-2, 4, 100])
 def test_out_of_range_index_raises_index_error_naming_the_range(bad):
     bank = MemoryBank(4, 3)
     before = bank.vectors.clone()
@@ -297,8 +297,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# Each rank's batch: different sizes, a duplicate inside rank 0, and index 4 on both ranks.
-_RANK_INDICES = [torch.tensor([4, 0, 9, 4, 2]), torch.tensor([7, 4, 1])]
+# Each rank's batch has the same size B = 5, as the trainer's sampler makes it: a duplicate inside
+# rank 0, index 4 on both ranks, and two padding rows (-1) on rank 1.
+_RANK_INDICES = [torch.tensor([4, 0, 9, 4, 2]), torch.tensor([7, 4, 1, -1, -1])]
 
 
 def _rank_vectors(rank):
@@ -309,11 +310,19 @@ def _distributed_worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    shapes = []  # every collective update() makes, and the shapes it sends
+    real_all_gather = dist.all_gather
+
+    def recording_all_gather(outputs, tensor, *args, **kwargs):
+        shapes.append(tuple(tensor.shape))
+        return real_all_gather(outputs, tensor, *args, **kwargs)
+
+    dist.all_gather = recording_all_gather
     try:
         bank = MemoryBank(12, 6, seed=0)
         bank.update(_RANK_INDICES[rank], _rank_vectors(rank), alpha=0.5)
-        keep = 1 if rank == 0 else 0  # sizes 1 and 0: a rank with nothing to contribute still joins
-        bank.update(_RANK_INDICES[rank][:keep], _rank_vectors(rank)[:keep], alpha=0.5)
+        one_row = torch.tensor([_RANK_INDICES[0][0].item() if rank == 0 else -1])
+        bank.update(one_row, _rank_vectors(rank)[:1], alpha=0.5)  # rank 1 sends only padding
         # A bad index on ONE rank must raise on every rank (not leave the others hanging).
         bad = torch.tensor([0]) if rank == 0 else torch.tensor([12])
         raised = False
@@ -321,8 +330,12 @@ def _distributed_worker(rank, world, port, out_dir):
             bank.update(bad, unit(1, 6, seed=rank), alpha=0.5)
         except IndexError:
             raised = True
-        torch.save({"vectors": bank.vectors, "raised": raised}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"vectors": bank.vectors, "raised": raised, "shapes": shapes},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
+        dist.all_gather = real_all_gather
         dist.destroy_process_group()
 
 
@@ -332,15 +345,36 @@ def test_distributed_updates_keep_every_rank_identical():
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
     assert torch.equal(results[0]["vectors"], results[1]["vectors"])
     assert results[0]["raised"] and results[1]["raised"]
-    # Identical also to one process applying rank 0's batch then rank 1's (the documented order).
+    # Identical also to one process applying rank 0's batch then rank 1's (the documented order),
+    # padding rows left out.
     reference = MemoryBank(12, 6, seed=0)
-    reference.update(torch.cat(_RANK_INDICES), torch.cat([_rank_vectors(0), _rank_vectors(1)]), alpha=0.5)
+    reference.update(torch.cat(_RANK_INDICES), torch.cat([_rank_vectors(0), _rank_vectors(1)]), 0.5)
     reference.update(_RANK_INDICES[0][:1], _rank_vectors(0)[:1], alpha=0.5)
     assert torch.equal(results[0]["vectors"], reference.vectors)
     # ... and not what rank 0 alone would have produced.
     alone = MemoryBank(12, 6, seed=0)
     alone.update(_RANK_INDICES[0], _rank_vectors(0), alpha=0.5)
     assert not torch.equal(alone.vectors, reference.vectors)
+
+
+def test_distributed_update_sends_fixed_sizes_and_never_a_batch_size():
+    """Two all_gathers per update, of the batch's own shapes: no exchange of batch sizes first,
+    whose values the host would have to read off the device under NCCL."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_distributed_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        shapes = [torch.load(os.path.join(out_dir, f"rank{r}.pt"))["shapes"] for r in range(2)]
+    per_update = [(5,), (5, 6)], [(1,), (1, 6)], [(1,), (1, 6)]
+    assert shapes[0] == shapes[1] == [s for update in per_update for s in update]
+
+
+def test_padding_rows_get_no_update():
+    bank = MemoryBank(6, 3, seed=0)
+    before = bank.vectors.clone()
+    bank.update(torch.tensor([-1, 2, -1]), unit(3, 3, 0), 0.5)
+    changed = (bank.vectors != before).any(dim=1)
+    assert changed.tolist() == [False, False, True, False, False, False]
+    expected = torch.nn.functional.normalize(0.5 * before[2] + 0.5 * unit(3, 3, 0)[1], dim=0)
+    assert torch.allclose(bank.vectors[2], expected, atol=1e-6)
 
 
 def test_empty_batch_changes_nothing():
