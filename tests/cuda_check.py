@@ -80,16 +80,70 @@ from memory_bank import MemoryBank  # noqa: E402
 # 8 x ~8 s, resume ~30 s, torchrun ~20 s, benchmark ~60 s (two x 205 steps of batch 256 at 224 px
 # and a 1.28M x 1,000 k-means on faiss-cpu's 16 threads), start-up ~15 s: about 3.5 minutes.
 SIZES = {
-    "cuda": dict(rows=100_000, batch=256, dim=128, k_background=4096, clusterings=10, clusters=1000,
-                 negatives=4096, image_size=64, per_class=512, val_per_class=32, train_batch=32, epochs=4,
-                 workers=4, train_k_background=256, train_kmeans_k=32, resume_per_class=256, resume_batch=16,
-                 bench=["--image-size", "224", "--batch-size", "256", "--bench-bank", "1281167",
-                        "--bench-steps", "200", "--kmeans-k", "1000"]),
-    "cpu": dict(rows=2000, batch=32, dim=32, k_background=256, clusterings=3, clusters=20, negatives=256,
-                image_size=32, per_class=8, val_per_class=2, train_batch=8, epochs=1, workers=0,
-                train_k_background=16, train_kmeans_k=4, resume_per_class=12, resume_batch=4,
-                bench=["--image-size", "32", "--batch-size", "4", "--bench-bank", "300", "--bench-steps", "2",
-                       "--kmeans-k", "5", "--k-background", "16"]),
+    "cuda": dict(
+        rows=100_000,
+        batch=256,
+        dim=128,
+        k_background=4096,
+        clusterings=10,
+        clusters=1000,
+        negatives=4096,
+        image_size=64,
+        per_class=512,
+        val_per_class=32,
+        train_batch=32,
+        epochs=4,
+        workers=4,
+        train_k_background=256,
+        train_kmeans_k=32,
+        resume_per_class=256,
+        resume_batch=16,
+        bench=[
+            "--image-size",
+            "224",
+            "--batch-size",
+            "256",
+            "--bench-bank",
+            "1281167",
+            "--bench-steps",
+            "200",
+            "--kmeans-k",
+            "1000",
+        ],
+    ),
+    "cpu": dict(
+        rows=2000,
+        batch=32,
+        dim=32,
+        k_background=256,
+        clusterings=3,
+        clusters=20,
+        negatives=256,
+        image_size=32,
+        per_class=8,
+        val_per_class=2,
+        train_batch=8,
+        epochs=1,
+        workers=0,
+        train_k_background=16,
+        train_kmeans_k=4,
+        resume_per_class=12,
+        resume_batch=4,
+        bench=[
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--bench-bank",
+            "300",
+            "--bench-steps",
+            "2",
+            "--kmeans-k",
+            "5",
+            "--k-background",
+            "16",
+        ],
+    ),
 }
 TAU = 0.07
 
@@ -107,11 +161,24 @@ def loss_cases(size):
     k, negatives = size["k_background"], size["negatives"]
     return {
         "ir_loss": (lambda x, f, g: ir_loss(x, f["bank"], f["idx"], tau=TAU), "z"),
-        "ir_nce_loss": (lambda x, f, g: ir_nce_loss(x, f["bank"], f["idx"], tau=TAU, num_negatives=negatives,
-                                                    generator=g), "z"),
-        "ball_loss": (lambda x, f, g: ball_loss(x, f["bank"], f["idx"], tau=TAU, k_background=k), "z"),
-        "ann_loss": (lambda x, f, g: ann_loss(x, f["bank"], f["idx"], tau=TAU, k_background=k), "z"),
-        "la_loss": (lambda x, f, g: la_loss(x, f["bank"], f["idx"], f["labels"], tau=TAU, k_background=k), "z"),
+        "ir_nce_loss": (
+            lambda x, f, g: ir_nce_loss(
+                x, f["bank"], f["idx"], tau=TAU, num_negatives=negatives, generator=g
+            ),
+            "z",
+        ),
+        "ball_loss": (
+            lambda x, f, g: ball_loss(x, f["bank"], f["idx"], tau=TAU, k_background=k),
+            "z",
+        ),
+        "ann_loss": (
+            lambda x, f, g: ann_loss(x, f["bank"], f["idx"], tau=TAU, k_background=k),
+            "z",
+        ),
+        "la_loss": (
+            lambda x, f, g: la_loss(x, f["bank"], f["idx"], f["labels"], tau=TAU, k_background=k),
+            "z",
+        ),
         "infonce_loss": (lambda x, f, g: infonce_loss(x), "scores"),
     }
 
@@ -132,18 +199,26 @@ def loss_and_grad(fn, x, fixed, device, dtype=None, autocast=None, seed=0):
     """fn's value and d value / d x on `device`, x cast to `dtype`, optionally under autocast."""
     x = x.to(device=device, dtype=dtype or x.dtype).detach().requires_grad_(True)
     fixed = {k: v.to(device) for k, v in fixed.items()}
-    g = torch.Generator().manual_seed(seed)  # ir_nce_loss: the same negatives on every device (drawn on the CPU)
+    g = torch.Generator().manual_seed(
+        seed
+    )  # ir_nce_loss: the same negatives on every device (drawn on the CPU)
     ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with ctx:
         loss = fn(x, fixed, g)
     loss.backward()
-    return loss.detach().double().cpu(), x.grad.double().cpu(), str(loss.dtype).replace("torch.", "")
+    return (
+        loss.detach().double().cpu(),
+        x.grad.double().cpu(),
+        str(loss.dtype).replace("torch.", ""),
+    )
 
 
 def relative_errors(got, ref):
     (value, grad, _), (ref_value, ref_grad, _) = got, ref
-    return (float((value - ref_value).abs() / max(1.0, float(ref_value.abs()))),
-            float((grad - ref_grad).abs().max() / (ref_grad.abs().max() + 1e-12)))
+    return (
+        float((value - ref_value).abs() / max(1.0, float(ref_value.abs()))),
+        float((grad - ref_grad).abs().max() / (ref_grad.abs().max() + 1e-12)),
+    )
 
 
 def check_agree(fn, which, inputs, fixed, device):
@@ -151,9 +226,13 @@ def check_agree(fn, which, inputs, fixed, device):
     cpu = torch.device("cpu")
     x32 = inputs[which]
     modes, ok, reference = {}, True, None
-    for mode, dtype, autocast in (("fp32", None, None), ("bf16 autocast", None, torch.bfloat16),
-                                  ("fp16 autocast", None, torch.float16), ("bf16 inputs", torch.bfloat16,
-                                  torch.bfloat16), ("fp16 inputs", torch.float16, torch.float16)):
+    for mode, dtype, autocast in (
+        ("fp32", None, None),
+        ("bf16 autocast", None, torch.bfloat16),
+        ("fp16 autocast", None, torch.float16),
+        ("bf16 inputs", torch.bfloat16, torch.bfloat16),
+        ("fp16 inputs", torch.float16, torch.float16),
+    ):
         # the reference sees the same (rounded) inputs, in fp32 on the CPU, without autocast
         x_ref = x32 if dtype is None else x32.to(dtype).float()
         ref = loss_and_grad(fn, x_ref, fixed, cpu)
@@ -165,8 +244,13 @@ def check_agree(fn, which, inputs, fixed, device):
         grad_tol = {None: 1e-3, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
         passed = value_err <= 1e-4 and grad_err <= grad_tol and math.isfinite(float(got[0]))
         ok &= passed
-        modes[mode] = dict(value=round(float(got[0]), 6), value_rel_err=float(f"{value_err:.2e}"),
-                           grad_rel_err=float(f"{grad_err:.2e}"), loss_dtype=got[2], ok=passed)
+        modes[mode] = dict(
+            value=round(float(got[0]), 6),
+            value_rel_err=float(f"{value_err:.2e}"),
+            grad_rel_err=float(f"{grad_err:.2e}"),
+            loss_dtype=got[2],
+            ok=passed,
+        )
     return ok, dict(cpu_fp32_value=reference, modes=modes)
 
 
@@ -177,10 +261,16 @@ def check_bank_agree(size, device):
     idx = torch.cat([idx, idx[:4]])  # four rows updated twice: Eq. 7 applied once per occurrence
     vectors = F.normalize(torch.randn(len(idx), size["dim"], generator=g), dim=1)
     modes, ok = {}, True
-    for mode, dtype in (("fp32", None), ("bf16 vectors", torch.bfloat16), ("fp16 vectors", torch.float16)):
+    for mode, dtype in (
+        ("fp32", None),
+        ("bf16 vectors", torch.bfloat16),
+        ("fp16 vectors", torch.float16),
+    ):
         v = vectors if dtype is None else vectors.to(dtype)
-        ref, dev = MemoryBank(size["rows"], size["dim"], seed=2), MemoryBank(size["rows"], size["dim"], device=device,
-                                                                              seed=2)
+        ref, dev = (
+            MemoryBank(size["rows"], size["dim"], seed=2),
+            MemoryBank(size["rows"], size["dim"], device=device, seed=2),
+        )
         ref.update(idx, v.float(), 0.5)
         ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
@@ -188,7 +278,9 @@ def check_bank_agree(size, device):
         err = float((dev.vectors.cpu() - ref.vectors).abs().max())
         passed = err <= 1e-5 and dev.vectors.dtype == torch.float32
         ok &= passed
-        modes[mode] = dict(max_abs_err=float(f"{err:.2e}"), bank_dtype=str(dev.vectors.dtype), ok=passed)
+        modes[mode] = dict(
+            max_abs_err=float(f"{err:.2e}"), bank_dtype=str(dev.vectors.dtype), ok=passed
+        )
     return ok, dict(modes=modes)
 
 
@@ -242,12 +334,20 @@ def check_no_sync_step(algo, size, device):
     """The trainer's own train_step (forward under bf16 autocast, loss, backward, SGD, Eq. 7)."""
     if device.type != "cuda":
         raise NotApplicable("torch.cuda.set_sync_debug_mode needs a CUDA device")
-    args = it.build_parser().parse_args(["--algo", algo, "--k-background", str(size["train_k_background"])])
+    args = it.build_parser().parse_args(
+        ["--algo", algo, "--k-background", str(size["train_k_background"])]
+    )
     run = it.build_step_state(args, device, size["rows"], it.resolve_precision("auto", device))
-    run.cluster_labels = torch.randint(0, size["clusters"], (size["clusterings"], size["rows"]), device=device)
-    images = torch.randn(size["train_batch"], 3, size["image_size"], size["image_size"], device=device)
+    run.cluster_labels = torch.randint(
+        0, size["clusters"], (size["clusterings"], size["rows"]), device=device
+    )
+    images = torch.randn(
+        size["train_batch"], 3, size["image_size"], size["image_size"], device=device
+    )
     images = images.contiguous(memory_format=run.mem_fmt)
-    idx = torch.randperm(size["rows"])[: size["train_batch"]]  # on the CPU, as the DataLoader yields it
+    idx = torch.randperm(size["rows"])[
+        : size["train_batch"]
+    ]  # on the CPU, as the DataLoader yields it
     error = first_sync(lambda: it.train_step(run, images, idx))
     return error is None, dict(precision=run.precision, synchronized=error is not None, error=error)
 
@@ -256,12 +356,41 @@ def check_no_sync_step(algo, size, device):
 # The trainer end to end.
 # -----------------------------------------------------------------------------
 def train_argv(data, out, algo, size, device, precision, epochs, batch, workers):
-    argv = ["--data", data, "--out-dir", out, "--algo", algo, "--device", device.type, "--precision", precision,
-            "--image-size", str(size["image_size"]), "--batch-size", str(batch), "--epochs", str(epochs),
-            "--workers", str(workers), "--knn-k", "10", "--k-background", str(size["train_k_background"]),
-            "--log-every", "1000"]
+    argv = [
+        "--data",
+        data,
+        "--out-dir",
+        out,
+        "--algo",
+        algo,
+        "--device",
+        device.type,
+        "--precision",
+        precision,
+        "--image-size",
+        str(size["image_size"]),
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        str(workers),
+        "--knn-k",
+        "10",
+        "--k-background",
+        str(size["train_k_background"]),
+        "--log-every",
+        "1000",
+    ]
     if algo == "la":
-        argv += ["--kmeans-k", str(size["train_kmeans_k"]), "--n-kmeans", "3", "--la-warmup-epochs", "1"]
+        argv += [
+            "--kmeans-k",
+            str(size["train_kmeans_k"]),
+            "--n-kmeans",
+            "3",
+            "--la-warmup-epochs",
+            "1",
+        ]
     return argv
 
 
@@ -271,7 +400,19 @@ def check_train(algo, precision, size, device, data, work, log):
     out = os.path.join(work, f"train_{algo}_{precision}")
     epochs = size["epochs"] + (1 if algo == "la" else 0)  # LA: one warm-up epoch of IR first
     with contextlib.redirect_stdout(log):
-        it.main(train_argv(data, out, algo, size, device, precision, epochs, size["train_batch"], size["workers"]))
+        it.main(
+            train_argv(
+                data,
+                out,
+                algo,
+                size,
+                device,
+                precision,
+                epochs,
+                size["train_batch"],
+                size["workers"],
+            )
+        )
     rows = it.read_log(os.path.join(out, "log.jsonl"))
     cfg = next(r for r in rows if r.get("kind") == "config")
     epoch_rows = [r for r in rows if r.get("kind") == "epoch"]
@@ -280,21 +421,32 @@ def check_train(algo, precision, size, device, data, work, log):
     bank = ckpt["bank"]["vectors"]
     steps_per_epoch = math.ceil(4 * size["per_class"] / size["train_batch"])
     checks = dict(
-        epochs_logged=len(epoch_rows) == epochs, steps=ckpt["step"] == epochs * steps_per_epoch,
+        epochs_logged=len(epoch_rows) == epochs,
+        steps=ckpt["step"] == epochs * steps_per_epoch,
         losses_finite=all(math.isfinite(r["train_loss"]) for r in epoch_rows),
         loss_fell=own[-1] < own[0] if len(own) >= 2 else None,
-        model_finite=all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point()),
+        model_finite=all(
+            bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point()
+        ),
         bank_unit_norm=bool(torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-3)),
         precision=cfg["precision"] == precision,
-        memory_format=cfg["memory_format"] == ("channels_last" if device.type == "cuda" else "contiguous"))
+        memory_format=cfg["memory_format"]
+        == ("channels_last" if device.type == "cuda" else "contiguous"),
+    )
     ok = all(v is not False for v in checks.values())
-    return ok, dict(checks=checks, steps=ckpt["step"], train_loss=[round(r["train_loss"], 4) for r in epoch_rows],
-                    knn_top1=[round(r["knn_top1"], 4) for r in epoch_rows],
-                    images_per_s=round(sum(r["images_per_s"] for r in epoch_rows) / len(epoch_rows), 1))
+    return ok, dict(
+        checks=checks,
+        steps=ckpt["step"],
+        train_loss=[round(r["train_loss"], 4) for r in epoch_rows],
+        knn_top1=[round(r["knn_top1"], 4) for r in epoch_rows],
+        images_per_s=round(sum(r["images_per_s"] for r in epoch_rows) / len(epoch_rows), 1),
+    )
 
 
 def subprocess_env(device):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    )
     if device.type == "cpu":
         env["OMP_NUM_THREADS"] = "1"
     return env
@@ -302,21 +454,36 @@ def subprocess_env(device):
 
 def check_resume(size, device, work, log):
     """A real process, SIGTERM in epoch 2 of 2; --resume in this process; an uninterrupted run."""
-    data = it.make_toy_imagefolder(os.path.join(work, "resume_data"), 4, size["resume_per_class"], 2,
-                                   size=size["image_size"], seed=1)
+    data = it.make_toy_imagefolder(
+        os.path.join(work, "resume_data"),
+        4,
+        size["resume_per_class"],
+        2,
+        size=size["image_size"],
+        seed=1,
+    )
     precision = "bf16" if device.type == "cuda" else "fp32"
     steps = math.ceil(4 * size["resume_per_class"] / size["resume_batch"])
 
     def argv(out):  # --workers 0: the augmentation RNG is in the checkpoint (README: exact resume)
-        return train_argv(data, os.path.join(work, out), "ir", size, device, precision, 2, size["resume_batch"], 0) + [
-            "--log-every", "1"]
+        return train_argv(
+            data, os.path.join(work, out), "ir", size, device, precision, 2, size["resume_batch"], 0
+        ) + ["--log-every", "1"]
 
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "imagenet_train.py")] + argv("resumed"), cwd=REPO,
-                            env=subprocess_env(device), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "imagenet_train.py")] + argv("resumed"),
+        cwd=REPO,
+        env=subprocess_env(device),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(f"epoch 2 step 1/{steps} "):  # the signal lands with the rest of epoch 2 to go
+        if line.startswith(
+            f"epoch 2 step 1/{steps} "
+        ):  # the signal lands with the rest of epoch 2 to go
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
@@ -327,32 +494,55 @@ def check_resume(size, device, work, log):
     with contextlib.redirect_stdout(log):
         it.main(argv("resumed") + ["--resume"])
         it.main(argv("straight"))
-        if device.type == "cuda":  # a second uninterrupted run: how far non-deterministic kernels alone move
+        if (
+            device.type == "cuda"
+        ):  # a second uninterrupted run: how far non-deterministic kernels alone move
             it.main(argv("straight_again"))
-    load = {name: torch.load(os.path.join(work, name, "ckpt.pt"), map_location="cpu")
-            for name in ("resumed", "straight", "straight_again") if os.path.exists(os.path.join(work, name, "ckpt.pt"))}
+    load = {
+        name: torch.load(os.path.join(work, name, "ckpt.pt"), map_location="cpu")
+        for name in ("resumed", "straight", "straight_again")
+        if os.path.exists(os.path.join(work, name, "ckpt.pt"))
+    }
 
     def differences(a, b):
         bank = float((a["bank"]["vectors"] - b["bank"]["vectors"]).abs().max())
-        model = max(float((a["model"][k].float() - b["model"][k].float()).abs().max())
-                    for k in b["model"] if b["model"][k].is_floating_point())
+        model = max(
+            float((a["model"][k].float() - b["model"][k].float()).abs().max())
+            for k in b["model"]
+            if b["model"][k].is_floating_point()
+        )
         return bank, model
 
     bank_diff, model_diff = differences(load["resumed"], load["straight"])
-    noise = differences(load["straight_again"], load["straight"])[0] if "straight_again" in load else 0.0
+    noise = (
+        differences(load["straight_again"], load["straight"])[0]
+        if "straight_again" in load
+        else 0.0
+    )
     identical = bank_diff == 0 and model_diff == 0
     # A resume that replays other views, or skips or repeats a batch, moves the bank rows it touches by
     # ~0.1-1.  On the GPU, non-deterministic kernels (cuDNN weight gradients, atomics) move two
     # uninterrupted runs apart too; the resumed run may differ by as much, within a margin.
     limit = 0.0 if device.type == "cpu" else max(0.05, 4 * noise)
-    ok = (proc.returncode == 0 and "stopped by SIGTERM" in text and stopped_at[0] == 1 and 0 < stopped_at[1] < steps
-          and load["resumed"]["step"] == load["straight"]["step"] == 2 * steps and bank_diff <= limit
-          and (identical or device.type == "cuda"))
-    return ok, dict(stopped_at_epoch_batch=list(stopped_at), steps=load["resumed"]["step"], bit_identical=identical,
-                    bank_max_abs_diff=float(f"{bank_diff:.3g}"), model_max_abs_diff=float(f"{model_diff:.3g}"),
-                    two_uninterrupted_runs_bank_diff=float(f"{noise:.3g}") if device.type == "cuda" else None,
-                    rule="bit-identical" if device.type == "cpu" else f"bank within {limit:.3g}",
-                    output_tail=None if ok else text[-1500:])
+    ok = (
+        proc.returncode == 0
+        and "stopped by SIGTERM" in text
+        and stopped_at[0] == 1
+        and 0 < stopped_at[1] < steps
+        and load["resumed"]["step"] == load["straight"]["step"] == 2 * steps
+        and bank_diff <= limit
+        and (identical or device.type == "cuda")
+    )
+    return ok, dict(
+        stopped_at_epoch_batch=list(stopped_at),
+        steps=load["resumed"]["step"],
+        bit_identical=identical,
+        bank_max_abs_diff=float(f"{bank_diff:.3g}"),
+        model_max_abs_diff=float(f"{model_diff:.3g}"),
+        two_uninterrupted_runs_bank_diff=float(f"{noise:.3g}") if device.type == "cuda" else None,
+        rule="bit-identical" if device.type == "cpu" else f"bank within {limit:.3g}",
+        output_tail=None if ok else text[-1500:],
+    )
 
 
 def free_port():
@@ -363,25 +553,57 @@ def free_port():
 
 def check_torchrun(size, device, data, work):
     out = os.path.join(work, "torchrun")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", str(free_port()),
-           os.path.join(REPO, "imagenet_train.py")] + train_argv(data, out, "la", size, device,
-                                                                 "auto" if device.type == "cuda" else "fp32", 2,
-                                                                 size["train_batch"], size["workers"])
-    res = subprocess.run(cmd, cwd=REPO, env=subprocess_env(device), capture_output=True, text=True, timeout=300)
-    rows = it.read_log(os.path.join(out, "log.jsonl")) if os.path.exists(os.path.join(out, "log.jsonl")) else []
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master-port",
+        str(free_port()),
+        os.path.join(REPO, "imagenet_train.py"),
+    ] + train_argv(
+        data,
+        out,
+        "la",
+        size,
+        device,
+        "auto" if device.type == "cuda" else "fp32",
+        2,
+        size["train_batch"],
+        size["workers"],
+    )
+    res = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(device), capture_output=True, text=True, timeout=300
+    )
+    rows = (
+        it.read_log(os.path.join(out, "log.jsonl"))
+        if os.path.exists(os.path.join(out, "log.jsonl"))
+        else []
+    )
     cfg = next((r for r in rows if r.get("kind") == "config"), {})
     algos = [r["algo"] for r in rows if r.get("kind") == "epoch"]
     backend = "nccl" if device.type == "cuda" else "gloo"
-    ok = res.returncode == 0 and cfg.get("backend") == backend and cfg.get("world_size") == 1 and algos == ["ir", "la"]
-    return ok, dict(returncode=res.returncode, backend=cfg.get("backend"), epochs=algos,
-                    output_tail=None if ok else (res.stdout + res.stderr)[-1500:])
+    ok = (
+        res.returncode == 0
+        and cfg.get("backend") == backend
+        and cfg.get("world_size") == 1
+        and algos == ["ir", "la"]
+    )
+    return ok, dict(
+        returncode=res.returncode,
+        backend=cfg.get("backend"),
+        epochs=algos,
+        output_tail=None if ok else (res.stdout + res.stderr)[-1500:],
+    )
 
 
 def check_benchmark(size, device, log):
     with contextlib.redirect_stdout(log):
         rows = it.main(["--benchmark", "--device", device.type] + size["bench"])
-    ok = [r["algo"] for r in rows] == ["ir", "la"] and all(r["images_per_s"] > 0 and math.isfinite(r["loss"])
-                                                           for r in rows)
+    ok = [r["algo"] for r in rows] == ["ir", "la"] and all(
+        r["images_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows
+    )
     return ok, dict(rows=rows)
 
 
@@ -389,28 +611,56 @@ def check_environment(device):
     import faiss
     import torchvision
     from local_agg import faiss_has_gpu
-    info = dict(python=sys.version.split()[0], torch=torch.__version__, torchvision=torchvision.__version__,
-                cuda=torch.version.cuda, faiss=faiss.__version__, faiss_gpu=faiss_has_gpu(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+
+    info = dict(
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        cuda=torch.version.cuda,
+        faiss=faiss.__version__,
+        faiss_gpu=faiss_has_gpu(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(
-            props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            bf16=torch.cuda.is_bf16_supported(),
+            cudnn=torch.backends.cudnn.version(),
+        )
     return True, info
 
 
 # -----------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description="One-shot check of a GPU machine for imagenet_train.py "
-                                "(JSON line per check; exit 1 if a check that ran failed).")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the same sequence at tiny sizes")
+    p = argparse.ArgumentParser(
+        description="One-shot check of a GPU machine for imagenet_train.py "
+        "(JSON line per check; exit 1 if a check that ran failed)."
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: the same sequence at tiny sizes",
+    )
     p.add_argument("--out", default=None, help="folder for cuda_check.jsonl and trainer_output.log")
-    p.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
-                   help="run only the checks whose names start with one of these (environment always runs)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PREFIX",
+        help="run only the checks whose names start with one of these (environment always runs)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("cuda_check.py: error: --device cuda: CUDA is not available here (use --device cpu)", file=sys.stderr)
+        print(
+            "cuda_check.py: error: --device cuda: CUDA is not available here (use --device cpu)",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: one thread is fastest and immune to busy cores
@@ -432,13 +682,18 @@ def main(argv=None):
         except NotApplicable as why:
             status, detail = "n/a", dict(reason=str(why))
         except Exception as err:  # a check that crashes is a failing check; the rest still run
-            status, detail = "fail", dict(error=f"{type(err).__name__}: {str(err).strip().splitlines()[0]}")
+            status, detail = (
+                "fail",
+                dict(error=f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"),
+            )
             traceback.print_exc()
         if status != "n/a":
             ran += 1
         if status == "fail":
             failed.append(name)
-        line = json.dumps(dict(check=name, status=status, seconds=round(time.time() - t0, 2), **detail))
+        line = json.dumps(
+            dict(check=name, status=status, seconds=round(time.time() - t0, 2), **detail)
+        )
         print(line, flush=True)
         if results:
             results.write(line + "\n")
@@ -459,18 +714,40 @@ def main(argv=None):
     for algo in ("ir", "ball", "ann", "la"):
         report(f"no_sync train_step {algo}", check_no_sync_step, algo, size, device)
     with tempfile.TemporaryDirectory() as work:
-        data = it.make_toy_imagefolder(os.path.join(work, "data"), 4, size["per_class"], size["val_per_class"],
-                                       size=size["image_size"], seed=0)
+        data = it.make_toy_imagefolder(
+            os.path.join(work, "data"),
+            4,
+            size["per_class"],
+            size["val_per_class"],
+            size=size["image_size"],
+            seed=0,
+        )
         for precision in ("fp32", "bf16", "fp16"):
             if device.type == "cuda" and precision == "fp32":
                 continue  # the GPU trains under autocast; fp32 training is the CPU's
             for algo in ("ir", "ball", "ann", "la"):
-                report(f"train {algo} {precision}", check_train, algo, precision, size, device, data, work, log)
+                report(
+                    f"train {algo} {precision}",
+                    check_train,
+                    algo,
+                    precision,
+                    size,
+                    device,
+                    data,
+                    work,
+                    log,
+                )
         report("resume", check_resume, size, device, work, log)
         report("torchrun", check_torchrun, size, device, data, work)
         report("benchmark", check_benchmark, size, device, log)
-    summary = dict(check="summary", status="fail" if failed else "pass", ran=ran, failed=failed,
-                   seconds=round(time.time() - start, 1), device=str(device))
+    summary = dict(
+        check="summary",
+        status="fail" if failed else "pass",
+        ran=ran,
+        failed=failed,
+        seconds=round(time.time() - start, 1),
+        device=str(device),
+    )
     print(json.dumps(summary), flush=True)
     if results:
         results.write(json.dumps(summary) + "\n")

@@ -14,27 +14,51 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import cuda_check  # noqa: E402
 
-LOSSES = ["ir_loss", "ir_nce_loss", "ball_loss", "ann_loss", "la_loss", "infonce_loss", "MemoryBank.update"]
+LOSSES = [
+    "ir_loss",
+    "ir_nce_loss",
+    "ball_loss",
+    "ann_loss",
+    "la_loss",
+    "infonce_loss",
+    "MemoryBank.update",
+]
 
 
 def test_cpu_mode_runs_every_check_and_reports_json_lines(tmp_path):
-    res = subprocess.run([sys.executable, "tests/cuda_check.py", "--device", "cpu", "--out", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    res = subprocess.run(
+        [sys.executable, "tests/cuda_check.py", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO),
+    )
     lines = [json.loads(line) for line in res.stdout.splitlines()]  # stdout holds JSON lines only
     status = {r["check"]: r["status"] for r in lines}
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    expected_pass = (["environment"] + [f"agree {n}" for n in LOSSES]
-                     + [f"train {a} fp32" for a in ("ir", "ball", "ann", "la")] + ["resume", "torchrun", "benchmark"])
+    expected_pass = (
+        ["environment"]
+        + [f"agree {n}" for n in LOSSES]
+        + [f"train {a} fp32" for a in ("ir", "ball", "ann", "la")]
+        + ["resume", "torchrun", "benchmark"]
+    )
     algos = ("ir", "ball", "ann", "la")
-    not_applicable = ([f"no_sync {n}" for n in LOSSES] + [f"no_sync train_step {a}" for a in algos]
-                      + [f"train {a} {p}" for p in ("bf16", "fp16") for a in algos])
+    not_applicable = (
+        [f"no_sync {n}" for n in LOSSES]
+        + [f"no_sync train_step {a}" for a in algos]
+        + [f"train {a} {p}" for p in ("bf16", "fp16") for a in algos]
+    )
     assert {c: status.get(c) for c in expected_pass} == {c: "pass" for c in expected_pass}
-    assert {c: status.get(c) for c in not_applicable} == {c: "n/a" for c in not_applicable}  # not "pass"
+    assert {c: status.get(c) for c in not_applicable} == {
+        c: "n/a" for c in not_applicable
+    }  # not "pass"
     summary = lines[-1]
     assert summary["check"] == "summary" and summary["status"] == "pass" and summary["failed"] == []
     assert summary["ran"] == len(expected_pass)
-    assert summary["seconds"] < 120  # the CPU mode's promise (it takes about 35 s on a 2-core machine)
+    assert (
+        summary["seconds"] < 120
+    )  # the CPU mode's promise (it takes about 35 s on a 2-core machine)
     by_name = {r["check"]: r for r in lines}
     assert by_name["resume"]["bit_identical"] and by_name["torchrun"]["backend"] == "gloo"
     modes = by_name["agree la_loss"]["modes"]
@@ -56,8 +80,14 @@ def test_exit_status_counts_failures_of_checks_that_ran_and_not_the_rest(monkeyp
         torch.set_num_threads(torch_threads)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     status = {r["check"]: r["status"] for r in lines}
-    assert status["benchmark"] == "fail" and status["no_sync ir_loss"] == "n/a" and "resume" not in status
-    assert lines[-1]["failed"] == ["benchmark"] and lines[-1]["ran"] == 2  # environment and benchmark
+    assert (
+        status["benchmark"] == "fail"
+        and status["no_sync ir_loss"] == "n/a"
+        and "resume" not in status
+    )
+    assert (
+        lines[-1]["failed"] == ["benchmark"] and lines[-1]["ran"] == 2
+    )  # environment and benchmark
 
 
 def test_agreement_check_catches_a_loss_that_computes_in_half_precision():
@@ -73,5 +103,7 @@ def test_agreement_check_catches_a_loss_that_computes_in_half_precision():
     ok, detail = cuda_check.check_agree(careless_ir_loss, "z", inputs, fixed, torch.device("cpu"))
     assert not ok and detail["modes"]["fp32"]["ok"]
     assert not detail["modes"]["bf16 autocast"]["ok"] and not detail["modes"]["bf16 inputs"]["ok"]
-    ok, detail = cuda_check.check_agree(*cuda_check.loss_cases(size)["ir_loss"], inputs, fixed, torch.device("cpu"))
+    ok, detail = cuda_check.check_agree(
+        *cuda_check.loss_cases(size)["ir_loss"], inputs, fixed, torch.device("cpu")
+    )
     assert ok, detail
