@@ -50,44 +50,98 @@ def parse_args(argv=None):
         "per (true MI, K) and, with --plot, saves the training staircase.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--dim", type=_positive_int, default=20,
-                        help="dimension of X and Y; every coordinate pair (x_i, y_i) is an "
-                        "independent bivariate Gaussian with correlation rho")
-    parser.add_argument("--mi", type=_nonnegative_float, nargs="+", default=[2.0, 4.0, 6.0, 8.0, 10.0],
-                        help="true I(X;Y) in nats (Eq. 1) for each table block and each training "
-                        "stage of the staircase; rho is solved from it")
-    parser.add_argument("--ks", type=_positive_int, nargs="+", default=[16, 128, 1024],
-                        help="K of Eq. 2: candidates per anchor x, the positive y_1 plus K-1 "
-                        "negatives y_2..y_K ~ p(y); each >= 2 (NWJ needs a negative)")
-    parser.add_argument("--rows", type=_positive_int, default=16384,
-                        help="anchors (x, y_1) per estimate, split into rows/K independent "
-                        "batches of K pairs; the standard error is taken across batches")
-    parser.add_argument("--train-k", type=_positive_int, default=128,
-                        help="K while training the learned critic: a batch of K pairs, each y "
-                        "of the batch a negative for the other anchors (in-batch negatives)")
-    parser.add_argument("--steps-per-stage", type=_positive_int, default=400,
-                        help="optimizer steps spent at each true MI of --mi (one stair)")
-    parser.add_argument("--lr", type=_positive_float, default=1e-3,
-                        help="Adam learning rate for theta and phi of the critic g_theta(x)^T g_phi(y)")
-    parser.add_argument("--hidden", type=_positive_int, default=128,
-                        help="hidden width of the one-hidden-layer MLPs g_theta and g_phi")
-    parser.add_argument("--embed-dim", type=_positive_int, default=32,
-                        help="dimension of the representations g_theta(x), g_phi(y) (Sec. 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the data and the critic's init")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch CPU threads; 1 is fastest for these small matrices and "
-                        "avoids thrashing on a shared machine")
-    parser.add_argument("--plot", metavar="PATH", default=None,
-                        help="save the staircase figure (learned critic's InfoNCE per training "
-                        "step vs the true MI and log K) to PATH, e.g. out/staircase.png")
+    parser.add_argument(
+        "--dim",
+        type=_positive_int,
+        default=20,
+        help="dimension of X and Y; every coordinate pair (x_i, y_i) is an "
+        "independent bivariate Gaussian with correlation rho",
+    )
+    parser.add_argument(
+        "--mi",
+        type=_nonnegative_float,
+        nargs="+",
+        default=[2.0, 4.0, 6.0, 8.0, 10.0],
+        help="true I(X;Y) in nats (Eq. 1) for each table block and each training "
+        "stage of the staircase; rho is solved from it",
+    )
+    parser.add_argument(
+        "--ks",
+        type=_positive_int,
+        nargs="+",
+        default=[16, 128, 1024],
+        help="K of Eq. 2: candidates per anchor x, the positive y_1 plus K-1 "
+        "negatives y_2..y_K ~ p(y); each >= 2 (NWJ needs a negative)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=16384,
+        help="anchors (x, y_1) per estimate, split into rows/K independent "
+        "batches of K pairs; the standard error is taken across batches",
+    )
+    parser.add_argument(
+        "--train-k",
+        type=_positive_int,
+        default=128,
+        help="K while training the learned critic: a batch of K pairs, each y "
+        "of the batch a negative for the other anchors (in-batch negatives)",
+    )
+    parser.add_argument(
+        "--steps-per-stage",
+        type=_positive_int,
+        default=400,
+        help="optimizer steps spent at each true MI of --mi (one stair)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=1e-3,
+        help="Adam learning rate for theta and phi of the critic g_theta(x)^T g_phi(y)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=128,
+        help="hidden width of the one-hidden-layer MLPs g_theta and g_phi",
+    )
+    parser.add_argument(
+        "--embed-dim",
+        type=_positive_int,
+        default=32,
+        help="dimension of the representations g_theta(x), g_phi(y) (Sec. 2)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the data and the critic's init"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads; 1 is fastest for these small matrices and "
+        "avoids thrashing on a shared machine",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="save the staircase figure (learned critic's InfoNCE per training "
+        "step vs the true MI and log K) to PATH, e.g. out/staircase.png",
+    )
     args = parser.parse_args(argv)
     if min(args.ks) < 2:
-        parser.error(f"--ks: every K must be >= 2 (one positive and at least one negative), got {args.ks}")
+        parser.error(
+            f"--ks: every K must be >= 2 (one positive and at least one negative), got {args.ks}"
+        )
     if args.train_k < 2:
-        parser.error(f"--train-k must be >= 2 (in-batch negatives need two pairs), got {args.train_k}")
+        parser.error(
+            f"--train-k must be >= 2 (in-batch negatives need two pairs), got {args.train_k}"
+        )
     if args.rows < 2 * max(args.ks):
-        parser.error(f"--rows must be >= 2 * max(--ks) = {2 * max(args.ks)} so that every K has at "
-                     f"least two independent batches for a standard error, got {args.rows}")
+        parser.error(
+            f"--rows must be >= 2 * max(--ks) = {2 * max(args.ks)} so that every K has at "
+            f"least two independent batches for a standard error, got {args.rows}"
+        )
     return args
 
 
@@ -145,9 +199,16 @@ def infonce_bound(scores, reduction="mean"):
     #   the variance of its estimate".  With the optimal critic the variance is small
     #   (SE <= 0.02 nats in the demo table); what large K fixes is the bias, the cap
     #   at log K.  The high-variance estimator is NWJ (Eq. 14), see nwj_bound.
-    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
-        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
-                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (
+        torch.is_tensor(scores)
+        and scores.dim() == 2
+        and scores.is_floating_point()
+        and scores.numel() > 0
+    ):
+        raise ValueError(
+            f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+            f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
@@ -175,13 +236,22 @@ def infonce_loss(scores, reduction="mean"):
     # Footnote 1 calls the two forms (with and without 1/K) "proportional"; they
     # differ by the additive constant log K, which is what matters here: the
     # gradients are identical, and loss = log K - bound holds row by row.
-    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
-        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
-                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (
+        torch.is_tensor(scores)
+        and scores.dim() == 2
+        and scores.is_floating_point()
+        and scores.numel() > 0
+    ):
+        raise ValueError(
+            f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+            f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
-    positive = torch.zeros(len(scores), dtype=torch.long, device=scores.device)  # the target class: column 0
+    positive = torch.zeros(
+        len(scores), dtype=torch.long, device=scores.device
+    )  # the target class: column 0
     return F.cross_entropy(scores, positive, reduction=reduction)
 
 
@@ -202,13 +272,21 @@ def ba_bound(log_q_x_given_y, log_p_x, reduction="mean"):
     To copy: ba_bound
     """
     for name, values in (("log_q_x_given_y", log_q_x_given_y), ("log_p_x", log_p_x)):
-        if not (torch.is_tensor(values) and values.dim() == 1 and values.is_floating_point()
-                and values.shape == getattr(log_q_x_given_y, "shape", None)):
-            raise ValueError(f"{name} must be a 1-D floating-point tensor [B] (the same B for both), got "
-                             f"{tuple(values.shape) if torch.is_tensor(values) else type(values).__name__}")
+        if not (
+            torch.is_tensor(values)
+            and values.dim() == 1
+            and values.is_floating_point()
+            and values.shape == getattr(log_q_x_given_y, "shape", None)
+        ):
+            raise ValueError(
+                f"{name} must be a 1-D floating-point tensor [B] (the same B for both), got "
+                f"{tuple(values.shape) if torch.is_tensor(values) else type(values).__name__}"
+            )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    dtype = torch.promote_types(torch.promote_types(log_q_x_given_y.dtype, log_p_x.dtype), torch.float32)
+    dtype = torch.promote_types(
+        torch.promote_types(log_q_x_given_y.dtype, log_p_x.dtype), torch.float32
+    )
     per_pair = log_q_x_given_y.to(dtype) - log_p_x.to(dtype)
     return per_pair.mean() if reduction == "mean" else per_pair
 
@@ -227,16 +305,30 @@ def uba_bound(scores, log_partition, reduction="mean"):
 
     To copy: uba_bound
     """
-    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
-        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
-                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
-    if not (torch.is_tensor(log_partition) and log_partition.shape == scores.shape[:1]
-            and log_partition.is_floating_point()):
-        raise ValueError(f"log_partition must be a 1-D floating-point tensor of length B={len(scores)}, got "
-                         f"{tuple(log_partition.shape) if torch.is_tensor(log_partition) else type(log_partition).__name__}")
+    if not (
+        torch.is_tensor(scores)
+        and scores.dim() == 2
+        and scores.is_floating_point()
+        and scores.numel() > 0
+    ):
+        raise ValueError(
+            f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+            f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}"
+        )
+    if not (
+        torch.is_tensor(log_partition)
+        and log_partition.shape == scores.shape[:1]
+        and log_partition.is_floating_point()
+    ):
+        raise ValueError(
+            f"log_partition must be a 1-D floating-point tensor of length B={len(scores)}, got "
+            f"{tuple(log_partition.shape) if torch.is_tensor(log_partition) else type(log_partition).__name__}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    dtype = torch.promote_types(torch.promote_types(scores.dtype, log_partition.dtype), torch.float32)
+    dtype = torch.promote_types(
+        torch.promote_types(scores.dtype, log_partition.dtype), torch.float32
+    )
     per_row = scores[:, 0].to(dtype) - log_partition.to(dtype)
     return per_row.mean() if reduction == "mean" else per_row
 
@@ -262,17 +354,26 @@ def nwj_bound(scores, reduction="mean"):
 
     To copy: nwj_bound
     """
-    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and len(scores) > 0
-            and scores.shape[1] >= 2):
-        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1 and K >= 2 for nwj_bound "
-                         f"(column 0 positive, at least one negative to estimate Z(y)), "
-                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (
+        torch.is_tensor(scores)
+        and scores.dim() == 2
+        and scores.is_floating_point()
+        and len(scores) > 0
+        and scores.shape[1] >= 2
+    ):
+        raise ValueError(
+            f"scores must be a floating-point tensor [B, K] with B >= 1 and K >= 2 for nwj_bound "
+            f"(column 0 positive, at least one negative to estimate Z(y)), "
+            f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
     # e^{-1} * mean_j exp(f_j), computed through logsumexp so that it overflows only
     # when the value itself does (then the bound really is -inf in that precision).
-    second_term = torch.exp(torch.logsumexp(scores[:, 1:], dim=1) - math.log(scores.shape[1] - 1) - 1.0)
+    second_term = torch.exp(
+        torch.logsumexp(scores[:, 1:], dim=1) - math.log(scores.shape[1] - 1) - 1.0
+    )
     per_row = scores[:, 0] - second_term
     return per_row.mean() if reduction == "mean" else per_row
 
@@ -288,7 +389,9 @@ def mean_and_stderr(replicates):
     are correlated, so per-row values of one batch are not independent).
     """
     if not torch.is_tensor(replicates) or replicates.dim() != 1 or replicates.shape[0] < 2:
-        shape = tuple(replicates.shape) if torch.is_tensor(replicates) else type(replicates).__name__
+        shape = (
+            tuple(replicates.shape) if torch.is_tensor(replicates) else type(replicates).__name__
+        )
         raise ValueError(f"replicates must be a 1-D tensor with at least 2 entries, got {shape}")
     values = replicates.double()
     return float(values.mean()), float(values.std() / math.sqrt(values.shape[0]))
@@ -303,9 +406,16 @@ def scores_from_critic_matrix(critic_matrix):
     off-diagonal entries in their original order: every other y of the batch is
     a negative for x_i, drawn from p(y) independently of x_i (K = B).
     """
-    if not torch.is_tensor(critic_matrix) or critic_matrix.dim() < 2 or \
-            critic_matrix.shape[-1] != critic_matrix.shape[-2]:
-        shape = tuple(critic_matrix.shape) if torch.is_tensor(critic_matrix) else type(critic_matrix).__name__
+    if (
+        not torch.is_tensor(critic_matrix)
+        or critic_matrix.dim() < 2
+        or critic_matrix.shape[-1] != critic_matrix.shape[-2]
+    ):
+        shape = (
+            tuple(critic_matrix.shape)
+            if torch.is_tensor(critic_matrix)
+            else type(critic_matrix).__name__
+        )
         raise ValueError(f"critic_matrix must be a square [..., B, B] tensor, got {shape}")
     b = critic_matrix.shape[-1]
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=critic_matrix.device)
@@ -371,8 +481,10 @@ def optimal_critic(x, y, rho):
     """
     _check_rho(rho)
     if x.dim() < 2 or y.dim() < 2 or x.shape[-1] != y.shape[-1] or x.shape[:-2] != y.shape[:-2]:
-        raise ValueError(f"x and y must be [n, dim] (or [..., n, dim] with equal leading dims) with "
-                         f"the same dim, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be [n, dim] (or [..., n, dim] with equal leading dims) with "
+            f"the same dim, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     var = 1.0 - rho * rho
     dim = x.shape[-1]
     y_sq = (y * y).sum(-1).unsqueeze(-2)  # [..., 1, n_y]
@@ -429,10 +541,12 @@ class SeparableCritic(torch.nn.Module):
         for name, value in (("hidden", hidden), ("embed_dim", embed_dim)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        self.g_theta = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
-                                           torch.nn.Linear(hidden, embed_dim))
-        self.g_phi = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
-                                         torch.nn.Linear(hidden, embed_dim))
+        self.g_theta = torch.nn.Sequential(
+            torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, embed_dim)
+        )
+        self.g_phi = torch.nn.Sequential(
+            torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, embed_dim)
+        )
 
     def forward(self, x, y):
         return self.g_theta(x) @ self.g_phi(y).transpose(-1, -2)
@@ -473,7 +587,9 @@ def bound_replicates(critic, bound, dim, rho, k, n_batches, generator=None, dtyp
     if int(k) != k or k < 2:
         raise ValueError(f"k must be an integer >= 2, got {k}")
     if int(n_batches) != n_batches or n_batches < 2:
-        raise ValueError(f"n_batches must be an integer >= 2 (for a standard error), got {n_batches}")
+        raise ValueError(
+            f"n_batches must be an integer >= 2 (for a standard error), got {n_batches}"
+        )
     x, y = sample_correlated_gaussians(n_batches * k, dim, rho, generator=generator, dtype=dtype)
     x, y = x.view(n_batches, k, dim), y.view(n_batches, k, dim)
     scores = scores_from_critic_matrix(critic(x, y))  # [R, k, k], column 0 positive
@@ -498,48 +614,85 @@ def main(argv=None):
     critic = SeparableCritic(dim, args.hidden, args.embed_dim)
     optimizer = torch.optim.Adam(critic.parameters(), lr=args.lr)
     history, learned = [], {}
-    print(f"training g_theta(x)^T g_phi(y) with InfoNCE (K={args.train_k}), "
-          f"{args.steps_per_stage} steps per stair")
+    print(
+        f"training g_theta(x)^T g_phi(y) with InfoNCE (K={args.train_k}), "
+        f"{args.steps_per_stage} steps per stair"
+    )
     for stage, mi in enumerate(args.mi):
         rho = rho_from_mi(dim, mi)
         stage_start = time.time()
-        estimates = train_critic(critic, optimizer, dim, rho, args.train_k, args.steps_per_stage, generator)
+        estimates = train_critic(
+            critic, optimizer, dim, rho, args.train_k, args.steps_per_stage, generator
+        )
         history.append((mi, estimates))
         for k in args.ks:
             learned[mi, k] = mean_and_stderr(
-                bound_replicates(critic, infonce_bound, dim, rho, k, args.rows // k, generator))
+                bound_replicates(critic, infonce_bound, dim, rho, k, args.rows // k, generator)
+            )
         elapsed = time.time() - stage_start
         steps_done = (stage + 1) * args.steps_per_stage
         time_left = elapsed * (len(args.mi) - stage - 1)
-        print(f"  stair {stage + 1}/{len(args.mi)}  I={mi:5.2f}  step {steps_done:6d}  "
-              f"loss {math.log(args.train_k) - sum(estimates[-50:]) / len(estimates[-50:]):.3f}  "
-              f"{args.steps_per_stage / elapsed:6.0f} steps/s  ~{time_left:4.1f} s left")
+        print(
+            f"  stair {stage + 1}/{len(args.mi)}  I={mi:5.2f}  step {steps_done:6d}  "
+            f"loss {math.log(args.train_k) - sum(estimates[-50:]) / len(estimates[-50:]):.3f}  "
+            f"{args.steps_per_stage / elapsed:6.0f} steps/s  ~{time_left:4.1f} s left"
+        )
 
     # 2) The table: each bound with the optimal critic, at each K.
-    print(f"\nBounds on I(X;Y) for correlated Gaussians, dim={dim}; {args.rows} anchors per "
-          f"estimate in rows/K independent batches of K pairs (in-batch negatives);")
+    print(
+        f"\nBounds on I(X;Y) for correlated Gaussians, dim={dim}; {args.rows} anchors per "
+        f"estimate in rows/K independent batches of K pairs (in-batch negatives);"
+    )
     print("'a +- s' = mean +- standard error across batches; [exact] = closed-form SE of NWJ.")
-    print("InfoNCE: Eq. 2 with the optimal critic f* = log p(y|x)/p(y).  NWJ: Eq. 14 with its optimal")
-    print("critic 1 + f*.  learned: InfoNCE (Eq. 2) of the separable critic at the end of its stair.")
-    header = (f"{'I(X;Y)':>7} {'K':>5} {'log K':>6} | {'InfoNCE (f*)':>16} | "
-              f"{'NWJ (1+f*)':>16} {'[exact]':>8} | {'learned InfoNCE':>16}")
+    print(
+        "InfoNCE: Eq. 2 with the optimal critic f* = log p(y|x)/p(y).  NWJ: Eq. 14 with its optimal"
+    )
+    print(
+        "critic 1 + f*.  learned: InfoNCE (Eq. 2) of the separable critic at the end of its stair."
+    )
+    header = (
+        f"{'I(X;Y)':>7} {'K':>5} {'log K':>6} | {'InfoNCE (f*)':>16} | "
+        f"{'NWJ (1+f*)':>16} {'[exact]':>8} | {'learned InfoNCE':>16}"
+    )
     print(header)
     print("-" * len(header))
     for mi in args.mi:
         rho = rho_from_mi(dim, mi)
         for k in args.ks:
             n_batches = args.rows // k
-            nce = mean_and_stderr(bound_replicates(
-                lambda x, y: optimal_critic(x, y, rho), infonce_bound, dim, rho, k, n_batches, generator))
-            nwj = mean_and_stderr(bound_replicates(
-                lambda x, y: 1.0 + optimal_critic(x, y, rho), nwj_bound, dim, rho, k, n_batches, generator))
+            nce = mean_and_stderr(
+                bound_replicates(
+                    lambda x, y: optimal_critic(x, y, rho),
+                    infonce_bound,
+                    dim,
+                    rho,
+                    k,
+                    n_batches,
+                    generator,
+                )
+            )
+            nwj = mean_and_stderr(
+                bound_replicates(
+                    lambda x, y: 1.0 + optimal_critic(x, y, rho),
+                    nwj_bound,
+                    dim,
+                    rho,
+                    k,
+                    n_batches,
+                    generator,
+                )
+            )
             exact = nwj_optimal_stderr(dim, rho, k, n_batches)
-            print(f"{mi:7.2f} {k:5d} {math.log(k):6.3f} | {nce[0]:8.3f} +- {nce[1]:5.3f} | "
-                  f"{nwj[0]:8.3f} +- {nwj[1]:5.3f} {exact:8.3f} | "
-                  f"{learned[mi, k][0]:8.3f} +- {learned[mi, k][1]:5.3f}")
+            print(
+                f"{mi:7.2f} {k:5d} {math.log(k):6.3f} | {nce[0]:8.3f} +- {nce[1]:5.3f} | "
+                f"{nwj[0]:8.3f} +- {nwj[1]:5.3f} {exact:8.3f} | "
+                f"{learned[mi, k][0]:8.3f} +- {learned[mi, k][1]:5.3f}"
+            )
 
-    print("NWJ's sample SE misses the e^{2I} variance of e^f that rare pairs carry; trust [exact] "
-          "(nwj_optimal_stderr).")
+    print(
+        "NWJ's sample SE misses the e^{2I} variance of e^f that rare pairs carry; trust [exact] "
+        "(nwj_optimal_stderr)."
+    )
 
     # 3) The K-free bounds (Lemma A.1): they need an exact posterior or partition.
     #    BA with the true posterior p(x|y) = N(rho y, (1-rho^2) I) is tight; note
@@ -554,15 +707,19 @@ def main(argv=None):
     print("-" * len(header))
     for mi in args.mi:
         rho = rho_from_mi(dim, mi)
-        x, y = sample_correlated_gaussians(args.rows, dim, rho, generator=generator, dtype=torch.float64)
+        x, y = sample_correlated_gaussians(
+            args.rows, dim, rho, generator=generator, dtype=torch.float64
+        )
         var = 1.0 - rho * rho
         log_q = (-0.5 * (x - rho * y) ** 2 / var - 0.5 * math.log(2 * math.pi * var)).sum(1)
-        log_p = (-0.5 * x ** 2 - 0.5 * math.log(2 * math.pi)).sum(1)
+        log_p = (-0.5 * x**2 - 0.5 * math.log(2 * math.pi)).sum(1)
         ba = mean_and_stderr(ba_bound(log_q, log_p, "none"))
         positives = (rho * (x * y).sum(1)).view(-1, 1)  # [B, K=1]: column 0 only
         uba = mean_and_stderr(uba_bound(positives, 0.5 * rho * rho * (y * y).sum(1), "none"))
-        print(f"{mi:7.2f} | {ba[0]:8.3f} +- {ba[1]:5.3f} | {uba[0]:8.3f} +- {uba[1]:5.3f} "
-              f"{rho * rho * dim / 2:8.3f}")
+        print(
+            f"{mi:7.2f} | {ba[0]:8.3f} +- {ba[1]:5.3f} | {uba[0]:8.3f} +- {uba[1]:5.3f} "
+            f"{rho * rho * dim / 2:8.3f}"
+        )
     print(f"\nwall time {time.time() - start:.1f} s")
 
     if args.plot:
@@ -576,6 +733,7 @@ def save_staircase(path, history, k, dim, seed):
     import os
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -589,15 +747,42 @@ def save_staircase(path, history, k, dim, seed):
         for value in estimates:  # exponential moving average, for readability only
             acc = 0.95 * acc + 0.05 * value
             smooth.append(acc)
-        optimal = mean_and_stderr(bound_replicates(
-            lambda x, y: optimal_critic(x, y, rho), infonce_bound, dim, rho, k, 16, generator))[0]
+        optimal = mean_and_stderr(
+            bound_replicates(
+                lambda x, y: optimal_critic(x, y, rho), infonce_bound, dim, rho, k, 16, generator
+            )
+        )[0]
         first = stair == 0
-        ax.plot(steps, estimates, color="tab:blue", alpha=0.25, lw=0.8,
-                label="learned critic, per batch" if first else None)
-        ax.plot(steps, smooth, color="tab:blue", lw=1.8, label="learned critic, moving average" if first else None)
-        ax.plot([steps[0], steps[-1]], [mi, mi], color="black", lw=2, label="true I(X;Y)" if first else None)
-        ax.plot([steps[0], steps[-1]], [optimal, optimal], color="tab:orange", ls="--", lw=1.5,
-                label=f"optimal critic f*, K={k}" if first else None)
+        ax.plot(
+            steps,
+            estimates,
+            color="tab:blue",
+            alpha=0.25,
+            lw=0.8,
+            label="learned critic, per batch" if first else None,
+        )
+        ax.plot(
+            steps,
+            smooth,
+            color="tab:blue",
+            lw=1.8,
+            label="learned critic, moving average" if first else None,
+        )
+        ax.plot(
+            [steps[0], steps[-1]],
+            [mi, mi],
+            color="black",
+            lw=2,
+            label="true I(X;Y)" if first else None,
+        )
+        ax.plot(
+            [steps[0], steps[-1]],
+            [optimal, optimal],
+            color="tab:orange",
+            ls="--",
+            lw=1.5,
+            label=f"optimal critic f*, K={k}" if first else None,
+        )
         step += len(estimates)
     ax.axhline(math.log(k), color="tab:red", ls=":", lw=1.5, label=f"log K = {math.log(k):.2f}")
     ax.set_xlabel("training step")

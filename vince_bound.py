@@ -90,7 +90,9 @@ from infonce import infonce_bound, rho_from_mi, sample_correlated_gaussians
 def _check_row_vector(value, name, rows):
     if not torch.is_tensor(value) or value.shape != (rows,):
         got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{name} must be a 1-D tensor with one entry per row of scores, shape ({rows},), got {got}")
+        raise ValueError(
+            f"{name} must be a 1-D tensor with one entry per row of scores, shape ({rows},), got {got}"
+        )
 
 
 def _check_k(k):
@@ -117,12 +119,21 @@ def vince_bound(scores, log_weights, reduction="mean", one_over_k=True):
 
     To copy: vince_bound
     """
-    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
-        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
-                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (
+        torch.is_tensor(scores)
+        and scores.dim() == 2
+        and scores.is_floating_point()
+        and scores.numel() > 0
+    ):
+        raise ValueError(
+            f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+            f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}"
+        )
     if not (torch.is_tensor(log_weights) and log_weights.shape == scores.shape[:1]):
-        raise ValueError(f"log_weights must be a 1-D tensor with one entry per row of scores, shape ({len(scores)},), "
-                         f"got {tuple(log_weights.shape) if torch.is_tensor(log_weights) else type(log_weights).__name__}")
+        raise ValueError(
+            f"log_weights must be a 1-D tensor with one entry per row of scores, shape ({len(scores)},), "
+            f"got {tuple(log_weights.shape) if torch.is_tensor(log_weights) else type(log_weights).__name__}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
@@ -168,19 +179,34 @@ def corollary_3_1_2_bound(scores, log_c, reduction="mean", one_over_k=True):
 
     To copy: corollary_3_1_2_bound
     """
-    if not (torch.is_tensor(scores) and scores.dim() == 2 and scores.is_floating_point() and scores.numel() > 0):
-        raise ValueError(f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
-                         f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    if not (
+        torch.is_tensor(scores)
+        and scores.dim() == 2
+        and scores.is_floating_point()
+        and scores.numel() > 0
+    ):
+        raise ValueError(
+            f"scores must be a floating-point tensor [B, K] with B >= 1, K >= 1 (column 0 = positive), "
+            f"got {tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16 / bf16 -> float32
-    log_c = torch.as_tensor(log_c, dtype=scores.dtype, device=scores.device if torch.is_tensor(log_c) else "cpu")
+    log_c = torch.as_tensor(
+        log_c, dtype=scores.dtype, device=scores.device if torch.is_tensor(log_c) else "cpu"
+    )
     if log_c.shape not in ((), scores.shape[:1]):
-        raise ValueError(f"log_c must be a float or a [B] = [{len(scores)}] tensor, got shape {tuple(log_c.shape)}")
+        raise ValueError(
+            f"log_c must be a float or a [B] = [{len(scores)}] tensor, got shape {tuple(log_c.shape)}"
+        )
     if log_c.device.type == "cpu" and (log_c > 0).any():
-        raise ValueError(f"log_c must be <= 0 (c_i = inf p/q <= 1 for normalized p, q), got max {float(log_c.max())}")
+        raise ValueError(
+            f"log_c must be <= 0 (c_i = inf p/q <= 1 for normalized p, q), got max {float(log_c.max())}"
+        )
     k = scores.shape[1]
-    l = scores[:, 0] - torch.logsumexp(scores, dim=1) + (math.log(k) if one_over_k else 0.0)  # as in vince_bound
+    l = (
+        scores[:, 0] - torch.logsumexp(scores, dim=1) + (math.log(k) if one_over_k else 0.0)
+    )  # as in vince_bound
     per_row = (torch.exp(log_c) * l - (k - 1)).expand(len(scores))
     return per_row.mean() if reduction == "mean" else per_row
 
@@ -196,10 +222,17 @@ def optimal_scores(x, y_pos, y_neg, rho):
     """
     if not (-1.0 < float(rho) < 1.0):
         raise ValueError(f"rho must lie in (-1, 1), got {rho}")
-    if x.dim() != 2 or y_pos.shape != x.shape or y_neg.dim() != 3 or y_neg.shape[0] != x.shape[0] \
-            or y_neg.shape[2] != x.shape[1]:
-        raise ValueError(f"need x, y_pos [B, d] and y_neg [B, K-1, d]; got {tuple(x.shape)}, "
-                         f"{tuple(y_pos.shape)}, {tuple(y_neg.shape)}")
+    if (
+        x.dim() != 2
+        or y_pos.shape != x.shape
+        or y_neg.dim() != 3
+        or y_neg.shape[0] != x.shape[0]
+        or y_neg.shape[2] != x.shape[1]
+    ):
+        raise ValueError(
+            f"need x, y_pos [B, d] and y_neg [B, K-1, d]; got {tuple(x.shape)}, "
+            f"{tuple(y_pos.shape)}, {tuple(y_neg.shape)}"
+        )
     ys = torch.cat([y_pos[:, None, :], y_neg], dim=1)  # [B, K, d]
     var = 1.0 - rho * rho
     xy = torch.einsum("bd,bkd->bk", x, ys)
@@ -212,7 +245,9 @@ def similarity01(y1, y):
 
     y1: [B, d];  y: [B, M, d] (candidates for row b).  Returns [B, M].
     """
-    cos = torch.einsum("bd,bmd->bm", y1, y) / (y1.norm(dim=1, keepdim=True) * y.norm(dim=2)).clamp_min(1e-30)
+    cos = torch.einsum("bd,bmd->bm", y1, y) / (
+        y1.norm(dim=1, keepdim=True) * y.norm(dim=2)
+    ).clamp_min(1e-30)
     return 0.5 * (1.0 + cos)
 
 
@@ -266,12 +301,14 @@ def rejection_sample(y1, n_neg, acceptance, generator=None, max_proposals=1_000_
     while (filled < n_neg).any():
         rows = (filled < n_neg).nonzero().squeeze(1)
         need = (n_neg - filled[rows]).max().item()
-        m = int(1.25 * need / rate) + 16           # enough candidates for most rows in one round
+        m = int(1.25 * need / rate) + 16  # enough candidates for most rows in one round
         # Candidates drawn in float32 (4x faster on CPU) and widened exactly to y1's dtype.
         cand = torch.randn(len(rows), m, d, generator=generator, dtype=torch.float32).to(y1.dtype)
         r = acceptance(similarity01(y1[rows], cand))
         accepted = torch.rand(len(rows), m, generator=generator, dtype=y1.dtype) < r
-        slot = torch.cumsum(accepted, dim=1) - 1 + filled[rows, None]  # where each accepted one goes
+        slot = (
+            torch.cumsum(accepted, dim=1) - 1 + filled[rows, None]
+        )  # where each accepted one goes
         keep = accepted & (slot < n_neg)
         ri, ci = keep.nonzero(as_tuple=True)
         out[rows[ri], slot[ri, ci]] = cand[ri, ci]
@@ -279,10 +316,14 @@ def rejection_sample(y1, n_neg, acceptance, generator=None, max_proposals=1_000_
         filled[rows] = torch.clamp(filled[rows] + accepted.sum(1), max=n_neg)
         proposed += m * len(rows)
         accepted_total += accepted.sum().item()
-        rate = max(accepted_total / proposed, 1e-3)  # running acceptance rate (only sets the next m)
+        rate = max(
+            accepted_total / proposed, 1e-3
+        )  # running acceptance rate (only sets the next m)
         if proposed > max_proposals * b:
-            raise ValueError(f"acceptance accepts almost nothing: fewer than {n_neg} of {proposed // b} "
-                             f"candidates per row accepted for some rows; widen t / [l, u] or raise max_proposals")
+            raise ValueError(
+                f"acceptance accepts almost nothing: fewer than {n_neg} of {proposed // b} "
+                f"candidates per row accepted for some rows; widen t / [l, u] or raise max_proposals"
+            )
     return out, r_out
 
 
@@ -295,16 +336,22 @@ def rejection_log_weights(r, z, normalized=True):
         normalized=False: -sum_i log r(y_i | y_1)                        (the paper's q = r p)
     """
     if not torch.is_tensor(r) or r.dim() != 2:
-        raise ValueError(f"r must be a [B, K-1] tensor of acceptance probabilities, got {getattr(r, 'shape', r)}")
+        raise ValueError(
+            f"r must be a [B, K-1] tensor of acceptance probabilities, got {getattr(r, 'shape', r)}"
+        )
     if (r <= 0).any() or (r > 1).any():
-        raise ValueError("r must lie in (0, 1] at every drawn negative (a drawn negative was accepted)")
+        raise ValueError(
+            "r must lie in (0, 1] at every drawn negative (a drawn negative was accepted)"
+        )
     log_w = -r.log().sum(1)
     if not normalized:
         return log_w
     _check_row_vector(z, "z", r.shape[0])
     if (z <= 0).any() or (z > 1).any():
-        raise ValueError(f"z (the normalizer Z_r = E_p[r]) must lie in (0, 1], got range "
-                         f"[{z.min().item()}, {z.max().item()}]; raise the Monte Carlo sample size")
+        raise ValueError(
+            f"z (the normalizer Z_r = E_p[r]) must lie in (0, 1], got range "
+            f"[{z.min().item()}, {z.max().item()}]; raise the Monte Carlo sample size"
+        )
     return r.shape[1] * z.log() + log_w
 
 
@@ -324,7 +371,9 @@ def estimate_acceptance_rate(y1, acceptance, n_samples, generator=None, chunk=81
         m = min(chunk, n_samples - done)
         pool = torch.randn(m, d, generator=generator, dtype=torch.float32)
         # float32 is plenty for a Monte Carlo average (its error is se, not 1e-7); sums in y1's dtype.
-        cos = (y1 / y1.norm(dim=1, keepdim=True)).float() @ (pool / pool.norm(dim=1, keepdim=True)).T  # [B, m]
+        cos = (y1 / y1.norm(dim=1, keepdim=True)).float() @ (
+            pool / pool.norm(dim=1, keepdim=True)
+        ).T  # [B, m]
         r = acceptance(0.5 * (1.0 + cos)).to(y1.dtype)
         total += r.sum(1)
         total_sq += (r * r).sum(1)
@@ -423,8 +472,13 @@ def enumerate_negatives(vocab, k):
 def _enumerated_l(critic, tuples, k, one_over_k=True):
     # l[x, y1, T] = f(x, y1) - log (1/K) sum_i exp f(x, y_i) for every anchor pair and negative tuple T.
     v = critic.shape[0]
-    f_all = torch.cat([critic[:, :, None, None].expand(v, v, len(tuples), 1),
-                       critic[:, tuples][:, None].expand(v, v, len(tuples), k - 1)], dim=3)  # [x, y1, T, K]
+    f_all = torch.cat(
+        [
+            critic[:, :, None, None].expand(v, v, len(tuples), 1),
+            critic[:, tuples][:, None].expand(v, v, len(tuples), k - 1),
+        ],
+        dim=3,
+    )  # [x, y1, T, K]
     return critic[:, :, None] - torch.logsumexp(f_all, dim=3) + (math.log(k) if one_over_k else 0.0)
 
 
@@ -439,15 +493,15 @@ def exact_weighted_infonce(joint, critic, q, k, one_over_k=True):
     _check_k(k)
     v = joint.shape[0]
     p = joint.sum(0)
-    qq = q.expand(v, v) if q.dim() == 1 else q                      # [y1, y]
-    tuples = enumerate_negatives(v, k)                              # [T, K-1]
-    log_q = qq.log()[:, tuples].sum(2)                              # [y1, T]
-    log_w = p.log()[tuples].sum(1)[None, :] - log_q                 # [y1, T]
+    qq = q.expand(v, v) if q.dim() == 1 else q  # [y1, y]
+    tuples = enumerate_negatives(v, k)  # [T, K-1]
+    log_q = qq.log()[:, tuples].sum(2)  # [y1, T]
+    log_w = p.log()[tuples].sum(1)[None, :] - log_q  # [y1, T]
     ratio = torch.where(qq > 0, p[None, :] / qq, torch.full_like(qq, math.inf))
-    log_c = (k - 1) * ratio.min(dim=1).values.log()                 # [y1]
-    l = _enumerated_l(critic, tuples, k, one_over_k)                # [x, y1, T]
-    prob = joint[:, :, None] * log_q.exp()[None]                    # p(x, y1) q(y_2..K | y1)
-    keep = prob > 0                                                 # skip impossible cells (0 * inf)
+    log_c = (k - 1) * ratio.min(dim=1).values.log()  # [y1]
+    l = _enumerated_l(critic, tuples, k, one_over_k)  # [x, y1, T]
+    prob = joint[:, :, None] * log_q.exp()[None]  # p(x, y1) q(y_2..K | y1)
+    keep = prob > 0  # skip impossible cells (0 * inf)
     e_wl = (prob * log_w.exp()[None] * l)[keep].sum().item()
     e_l = (prob * l)[keep].sum().item()
     e_cl = (prob * log_c.exp()[None, :, None] * l)[keep].sum().item()
@@ -499,17 +553,23 @@ def vince_plus_objective(psi, joint, critic, similarity, k, weights="paper", nor
     _check_weights(weights)
     _check_k(k)
     p = joint.sum(0)
-    r = torch.sigmoid(psi[0] + psi[1] * similarity)                 # [y1, y]
-    log_z = (p[None, :] * r).sum(1).log()                           # [y1]
+    r = torch.sigmoid(psi[0] + psi[1] * similarity)  # [y1, y]
+    log_z = (p[None, :] * r).sum(1).log()  # [y1]
     tuples = enumerate_negatives(len(p), k)
-    log_r = r.log()[:, tuples].sum(2)                               # [y1, T] sum_j log r_j
-    log_q = log_r + p.log()[tuples].sum(1)[None, :] - ((k - 1) * log_z[:, None] if normalized else 0.0)
-    log_w = {"paper": -log_r, "true": -log_r + (k - 1) * log_z[:, None], "none": 0.0 * log_r}[weights]
-    g = _enumerated_l(critic, tuples, k)                            # [x, y1, T]
+    log_r = r.log()[:, tuples].sum(2)  # [y1, T] sum_j log r_j
+    log_q = (
+        log_r + p.log()[tuples].sum(1)[None, :] - ((k - 1) * log_z[:, None] if normalized else 0.0)
+    )
+    log_w = {"paper": -log_r, "true": -log_r + (k - 1) * log_z[:, None], "none": 0.0 * log_r}[
+        weights
+    ]
+    g = _enumerated_l(critic, tuples, k)  # [x, y1, T]
     return (joint[:, :, None] * (log_q + log_w).exp()[None] * g).sum()
 
 
-def lemma_c1_gradient(psi, joint, critic, similarity, k, form="corrected", weights="paper", normalized=True):
+def lemma_c1_gradient(
+    psi, joint, critic, similarity, k, form="corrected", weights="paper", normalized=True
+):
     """grad_psi J by Lemma C.1, expectations taken exactly by enumeration.  Returns [2].
 
     form="printed":   E[grad L1 - grad L2 - grad L3] with the printed terms (grad r_i restored
@@ -527,36 +587,50 @@ def lemma_c1_gradient(psi, joint, critic, similarity, k, form="corrected", weigh
     _check_k(k)
     psi = psi.detach()
     p = joint.sum(0)
-    r = torch.sigmoid(psi[0] + psi[1] * similarity)                               # [y1, y]
-    feature = torch.stack([torch.ones_like(similarity), similarity], dim=2)      # d(psi_0 + psi_1 s)/d psi
-    grad_r = (r * (1 - r))[..., None] * feature                                   # [y1, y, 2]
-    z = (p[None, :] * r).sum(1)                                                   # [y1]
-    grad_log_z = (p[None, :, None] * grad_r).sum(1) / z[:, None]                  # [y1, 2]
-    tuples = enumerate_negatives(len(p), k)                                       # [T, K-1]
-    r_t = r[:, tuples]                                                            # [y1, T, K-1]
-    grad_r_t = grad_r[:, tuples]                                                  # [y1, T, K-1, 2]
-    log_r = r_t.log().sum(2)                                                      # [y1, T]
-    log_q = log_r + p.log()[tuples].sum(1)[None, :] - ((k - 1) * z.log()[:, None] if normalized else 0.0)
-    w = {"paper": (-log_r).exp(), "true": (-log_r + (k - 1) * z.log()[:, None]).exp(),
-         "none": torch.ones_like(log_r)}[weights]                                  # [y1, T]
-    sum_grad_log_r = (grad_r_t / r_t[..., None]).sum(2)                           # [y1, T, 2]
-    g = _enumerated_l(critic, tuples, k)                                          # [x, y1, T]
+    r = torch.sigmoid(psi[0] + psi[1] * similarity)  # [y1, y]
+    feature = torch.stack(
+        [torch.ones_like(similarity), similarity], dim=2
+    )  # d(psi_0 + psi_1 s)/d psi
+    grad_r = (r * (1 - r))[..., None] * feature  # [y1, y, 2]
+    z = (p[None, :] * r).sum(1)  # [y1]
+    grad_log_z = (p[None, :, None] * grad_r).sum(1) / z[:, None]  # [y1, 2]
+    tuples = enumerate_negatives(len(p), k)  # [T, K-1]
+    r_t = r[:, tuples]  # [y1, T, K-1]
+    grad_r_t = grad_r[:, tuples]  # [y1, T, K-1, 2]
+    log_r = r_t.log().sum(2)  # [y1, T]
+    log_q = (
+        log_r
+        + p.log()[tuples].sum(1)[None, :]
+        - ((k - 1) * z.log()[:, None] if normalized else 0.0)
+    )
+    w = {
+        "paper": (-log_r).exp(),
+        "true": (-log_r + (k - 1) * z.log()[:, None]).exp(),
+        "none": torch.ones_like(log_r),
+    }[weights]  # [y1, T]
+    sum_grad_log_r = (grad_r_t / r_t[..., None]).sum(2)  # [y1, T, 2]
+    g = _enumerated_l(critic, tuples, k)  # [x, y1, T]
     f1 = critic[:, :, None].expand_as(g)
-    lse = f1 - g                                                                  # log (1/K) sum_i e^f_i
+    lse = f1 - g  # log (1/K) sum_i e^f_i
     if form == "printed":
         # sum_i -1/r_i^2 prod_{j != i} 1/r_j grad r_i  ==  sum_i (-W / r_i) grad r_i   (W = prod 1/r)
-        d_prod = (-(w[..., None] / r_t)[..., None] * grad_r_t).sum(2)             # [y1, T, 2]
+        d_prod = (-(w[..., None] / r_t)[..., None] * grad_r_t).sum(2)  # [y1, T, 2]
         grad_l1 = f1[..., None] * d_prod[None]
         grad_l2 = (w[None] * lse)[..., None] * sum_grad_log_r[None]
-        grad_l3 = d_prod[None] * lse[..., None]       # printed: -(sum_i 1/r_i^2 prod_{j!=i} 1/r_j grad r_i) LSE
+        grad_l3 = (
+            d_prod[None] * lse[..., None]
+        )  # printed: -(sum_i 1/r_i^2 prod_{j!=i} 1/r_j grad r_i) LSE
         per_sample = grad_l1 - grad_l2 - grad_l3
     else:
         score = sum_grad_log_r - ((k - 1) * grad_log_z[:, None, :] if normalized else 0.0)
-        grad_log_w = {"paper": -sum_grad_log_r, "true": -sum_grad_log_r + (k - 1) * grad_log_z[:, None, :],
-                      "none": torch.zeros_like(sum_grad_log_r)}[weights]
+        grad_log_w = {
+            "paper": -sum_grad_log_r,
+            "true": -sum_grad_log_r + (k - 1) * grad_log_z[:, None, :],
+            "none": torch.zeros_like(sum_grad_log_r),
+        }[weights]
         grad_w = w[..., None] * grad_log_w
         per_sample = (w[None] * g)[..., None] * score[None] + g[..., None] * grad_w[None]
-    prob = joint[:, :, None] * log_q.exp()[None]                                  # [x, y1, T]
+    prob = joint[:, :, None] * log_q.exp()[None]  # [x, y1, T]
     return (prob[..., None] * per_sample).sum((0, 1, 2))
 
 
@@ -572,26 +646,86 @@ def token_similarity(vocab, dtype=torch.float64):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="VINCE (Theorem 3.1, Eq. 3-4, Corollaries 3.1.1-3.1.2, Appendix B-C) checked against "
-                    "closed-form mutual information: correlated Gaussians and a Zipf vocabulary.")
-    ap.add_argument("--dim", type=int, default=20, help="dimension of the Gaussian pair (x, y) (Sec. 3 toy problem)")
-    ap.add_argument("--mi", type=float, nargs="+", default=[2.0, 6.0], help="true I(X;Y) in nats of the Gaussian pair")
-    ap.add_argument("--k", type=int, nargs="+", default=[16, 128], help="K: the positive plus K-1 negatives (Eq. 2-4)")
-    ap.add_argument("--anchors", type=int, default=1000, help="B: number of pairs (x, y_1) per estimate")
-    ap.add_argument("--z-samples", type=int, default=16384,
-                    help="Monte Carlo draws from p(y) to estimate each anchor's Z_r(y_1) = E_p[r(y|y_1)]")
-    ap.add_argument("--t", type=float, default=0.4, help="Example 1 threshold: accept negatives with similarity <= t")
-    ap.add_argument("--band", type=float, nargs=2, default=[0.6, 1.0], metavar=("L", "U"),
-                    help="Example 2 band [l, u]: accept negatives with l <= similarity <= u (hard negatives)")
-    ap.add_argument("--soft", type=float, nargs=2, default=[-12.0, 20.0], metavar=("BIAS", "WEIGHT"),
-                    help="soft acceptance r = sigmoid(BIAS + WEIGHT * similarity) (full support; VINCE+'s r_psi)")
-    ap.add_argument("--c", type=float, default=0.5, help="constant acceptance r = c (q = p after normalizing)")
-    ap.add_argument("--temper", type=float, default=0.9,
-                    help="Example 4 on the Gaussian: q ~ p^(1/t) = N(0, t I); t <= 1 gives a bounded p/q")
-    ap.add_argument("--vocab", type=int, default=1000, help="|V|: vocabulary size of the discrete (Sec. 5.1) problem")
-    ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the token frequencies p(y)")
-    ap.add_argument("--keep", type=float, default=0.9, help="probability that the context x reveals the token y")
-    ap.add_argument("--vocab-temper", type=float, default=4 / 3,
-                    help="Example 4 on the vocabulary: q ~ p^(1/t) (4/3 = word2vec's unigram^0.75)")
+        "closed-form mutual information: correlated Gaussians and a Zipf vocabulary."
+    )
+    ap.add_argument(
+        "--dim",
+        type=int,
+        default=20,
+        help="dimension of the Gaussian pair (x, y) (Sec. 3 toy problem)",
+    )
+    ap.add_argument(
+        "--mi",
+        type=float,
+        nargs="+",
+        default=[2.0, 6.0],
+        help="true I(X;Y) in nats of the Gaussian pair",
+    )
+    ap.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=[16, 128],
+        help="K: the positive plus K-1 negatives (Eq. 2-4)",
+    )
+    ap.add_argument(
+        "--anchors", type=int, default=1000, help="B: number of pairs (x, y_1) per estimate"
+    )
+    ap.add_argument(
+        "--z-samples",
+        type=int,
+        default=16384,
+        help="Monte Carlo draws from p(y) to estimate each anchor's Z_r(y_1) = E_p[r(y|y_1)]",
+    )
+    ap.add_argument(
+        "--t",
+        type=float,
+        default=0.4,
+        help="Example 1 threshold: accept negatives with similarity <= t",
+    )
+    ap.add_argument(
+        "--band",
+        type=float,
+        nargs=2,
+        default=[0.6, 1.0],
+        metavar=("L", "U"),
+        help="Example 2 band [l, u]: accept negatives with l <= similarity <= u (hard negatives)",
+    )
+    ap.add_argument(
+        "--soft",
+        type=float,
+        nargs=2,
+        default=[-12.0, 20.0],
+        metavar=("BIAS", "WEIGHT"),
+        help="soft acceptance r = sigmoid(BIAS + WEIGHT * similarity) (full support; VINCE+'s r_psi)",
+    )
+    ap.add_argument(
+        "--c", type=float, default=0.5, help="constant acceptance r = c (q = p after normalizing)"
+    )
+    ap.add_argument(
+        "--temper",
+        type=float,
+        default=0.9,
+        help="Example 4 on the Gaussian: q ~ p^(1/t) = N(0, t I); t <= 1 gives a bounded p/q",
+    )
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        default=1000,
+        help="|V|: vocabulary size of the discrete (Sec. 5.1) problem",
+    )
+    ap.add_argument(
+        "--zipf", type=float, default=1.0, help="Zipf exponent of the token frequencies p(y)"
+    )
+    ap.add_argument(
+        "--keep", type=float, default=0.9, help="probability that the context x reveals the token y"
+    )
+    ap.add_argument(
+        "--vocab-temper",
+        type=float,
+        default=4 / 3,
+        help="Example 4 on the vocabulary: q ~ p^(1/t) (4/3 = word2vec's unigram^0.75)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="random seed")
     args = ap.parse_args(argv)
     for k in args.k:
@@ -623,7 +757,11 @@ def gaussian_blocks(mi, ks, args, generator):
         ("q = p (InfoNCE)", "p", None),
         (f"Ex.1 s <= {args.t:g}", "reject", threshold_acceptance(args.t)),
         (f"Ex.2 {args.band[0]:g} <= s <= {args.band[1]:g}", "reject", band_acceptance(*args.band)),
-        (f"soft r=sig({args.soft[0]:g}+{args.soft[1]:g}s)", "reject", sigmoid_acceptance(*args.soft)),
+        (
+            f"soft r=sig({args.soft[0]:g}+{args.soft[1]:g}s)",
+            "reject",
+            sigmoid_acceptance(*args.soft),
+        ),
         (f"constant r = {args.c:g}", "reject", constant_acceptance(args.c)),
         (f"Ex.4 N(0, {args.temper:g} I)", "temper", args.temper),
     ]
@@ -638,10 +776,15 @@ def gaussian_blocks(mi, ks, args, generator):
                 log_w = torch.zeros(n, dtype=torch.float64)
             elif kind == "reject":
                 neg, r = rejection_sample(y1, k - 1, spec, generator)
-                log_w = rejection_log_weights(r, z)                         # q = r p / Z:  p/q = Z / r
-                paper_w = rejection_log_weights(r, z, normalized=False)    # paper's q = r p:  p/q = 1 / r
-                row.update(z=z.mean().item(), z_se=z_se.mean().item(),
-                           dlogw=((k - 1) * z_se / z).mean().item())  # error that se(Z) puts on log W
+                log_w = rejection_log_weights(r, z)  # q = r p / Z:  p/q = Z / r
+                paper_w = rejection_log_weights(
+                    r, z, normalized=False
+                )  # paper's q = r p:  p/q = 1 / r
+                row.update(
+                    z=z.mean().item(),
+                    z_se=z_se.mean().item(),
+                    dlogw=((k - 1) * z_se / z).mean().item(),
+                )  # error that se(Z) puts on log W
             else:
                 neg, log_w, log_c = gaussian_tempered_proposal(n, k - 1, dim, spec, generator)
             scores = optimal_scores(x, y1, neg, rho)
@@ -655,9 +798,21 @@ def gaussian_blocks(mi, ks, args, generator):
             if kind == "p":
                 nce = infonce_bound(scores, reduction="none")
                 # (v): with W == 1, Eq. 3 is InfoNCE - (K - 1) row by row.
-                row["v_gap"] = (vince_bound(scores, log_w, reduction="none") - (nce - (k - 1))).abs().max().item()
-                row["v_gap_printed"] = (vince_bound(scores, log_w, reduction="none", one_over_k=False)
-                                        - (nce - math.log(k) - (k - 1))).abs().max().item()
+                row["v_gap"] = (
+                    (vince_bound(scores, log_w, reduction="none") - (nce - (k - 1)))
+                    .abs()
+                    .max()
+                    .item()
+                )
+                row["v_gap_printed"] = (
+                    (
+                        vince_bound(scores, log_w, reduction="none", one_over_k=False)
+                        - (nce - math.log(k) - (k - 1))
+                    )
+                    .abs()
+                    .max()
+                    .item()
+                )
                 row["nce"] = _mean_se(nce)
             blocks[k].append(row)
     return blocks
@@ -671,16 +826,27 @@ def vocabulary_block(k, p, joint, critic, args, generator):
     fresh = torch.multinomial(p, n, replacement=True, generator=generator)
     y1 = torch.where(torch.rand(n, generator=generator, dtype=p.dtype) < args.keep, x, fresh)
     rows = []
-    for name, q in [("q = p (InfoNCE)", p), ("Ex.3 uniform", torch.full_like(p, 1.0 / len(p))),
-                    (f"Ex.4 p^(1/{args.vocab_temper:.3g})", tempered(p, args.vocab_temper))]:
-        neg = torch.multinomial(q, n * (k - 1), replacement=True, generator=generator).view(n, k - 1)
+    for name, q in [
+        ("q = p (InfoNCE)", p),
+        ("Ex.3 uniform", torch.full_like(p, 1.0 / len(p))),
+        (f"Ex.4 p^(1/{args.vocab_temper:.3g})", tempered(p, args.vocab_temper)),
+    ]:
+        neg = torch.multinomial(q, n * (k - 1), replacement=True, generator=generator).view(
+            n, k - 1
+        )
         log_w = (p.log() - q.log())[neg].sum(1)
         log_c = (k - 1) * (p.log() - q.log()).min().item()
         scores = torch.cat([critic[x, y1][:, None], critic[x[:, None], neg]], dim=1)
-        rows.append({"name": name, "log_c": log_c, "mean_w": log_w.exp().mean().item(),
-                     "vince": _mean_se(vince_bound(scores, log_w, reduction="none")),
-                     "cor312": corollary_3_1_2_bound(scores, log_c).item(),
-                     "eq4": _mean_se(vince_surrogate(scores, reduction="none"))})
+        rows.append(
+            {
+                "name": name,
+                "log_c": log_c,
+                "mean_w": log_w.exp().mean().item(),
+                "vince": _mean_se(vince_bound(scores, log_w, reduction="none")),
+                "cor312": corollary_3_1_2_bound(scores, log_c).item(),
+                "eq4": _mean_se(vince_surrogate(scores, reduction="none")),
+            }
+        )
     return rows
 
 
@@ -691,57 +857,98 @@ def main(argv=None):
     pm = "+-"
 
     print("VINCE (Theorem 3.1) on correlated Gaussians, optimal critic f* = log p(y|x)/p(y)")
-    print(f"dim = {args.dim}, B = {args.anchors} anchors; s = (1 + cos(y_1, y))/2; Z_r = E_p[r(y|y_1)] from "
-          f"{args.z_samples} draws; VINCE = mean of W l - K + 1 with W = prod p/q (normalized q)")
-    print("cap = log K - K + 1 is the largest value E[VINCE] can take for this K (derivation (iii)); a single")
-    print("estimate obeys estimate <= log K * mean(W) - K + 1 exactly, so heavy-tailed W can put it above cap.")
-    print("Z_r +- se: Monte Carlo normalizer; dlogW = (K-1) se/Z, the error it puts on log W; mean W should be 1;")
-    print("paper W=1/r: VINCE with the paper's unnormalized weights; (3.1.2): Corollary 3.1.2's bound; "
-          "Eq.4 vs MI: +-4 se verdict.")
+    print(
+        f"dim = {args.dim}, B = {args.anchors} anchors; s = (1 + cos(y_1, y))/2; Z_r = E_p[r(y|y_1)] from "
+        f"{args.z_samples} draws; VINCE = mean of W l - K + 1 with W = prod p/q (normalized q)"
+    )
+    print(
+        "cap = log K - K + 1 is the largest value E[VINCE] can take for this K (derivation (iii)); a single"
+    )
+    print(
+        "estimate obeys estimate <= log K * mean(W) - K + 1 exactly, so heavy-tailed W can put it above cap."
+    )
+    print(
+        "Z_r +- se: Monte Carlo normalizer; dlogW = (K-1) se/Z, the error it puts on log W; mean W should be 1;"
+    )
+    print(
+        "paper W=1/r: VINCE with the paper's unnormalized weights; (3.1.2): Corollary 3.1.2's bound; "
+        "Eq.4 vs MI: +-4 se verdict."
+    )
     for mi in args.mi:
         blocks = gaussian_blocks(mi, args.k, args, generator)
         for k in args.k:
             rows = blocks[k]
             head = rows[0]
-            print(f"\nI(X;Y) = {mi:.2f} nats   K = {k}   log K = {math.log(k):.2f}   cap = {vince_cap(k):.2f}   "
-                  f"InfoNCE = {head['nce'][0]:.3f} {pm} {head['nce'][1]:.3f}")
-            print(f"  (v) q = p: max |VINCE - (InfoNCE - (K-1))| = {head['v_gap']:.1e}; "
-                  f"Eq. 3 as printed: max |VINCE - (InfoNCE - log K - (K-1))| = {head['v_gap_printed']:.1e}")
-            print(f"  {'proposal':<25}{'Z_r':>17}{'dlogW':>6}{'mean W':>9}{'VINCE':>12}{'':8}"
-                  f"{'paper W=1/r':>16}{'Eq.4 surrogate':>17}{'Eq.4 vs MI':>12}")
+            print(
+                f"\nI(X;Y) = {mi:.2f} nats   K = {k}   log K = {math.log(k):.2f}   cap = {vince_cap(k):.2f}   "
+                f"InfoNCE = {head['nce'][0]:.3f} {pm} {head['nce'][1]:.3f}"
+            )
+            print(
+                f"  (v) q = p: max |VINCE - (InfoNCE - (K-1))| = {head['v_gap']:.1e}; "
+                f"Eq. 3 as printed: max |VINCE - (InfoNCE - log K - (K-1))| = {head['v_gap_printed']:.1e}"
+            )
+            print(
+                f"  {'proposal':<25}{'Z_r':>17}{'dlogW':>6}{'mean W':>9}{'VINCE':>12}{'':8}"
+                f"{'paper W=1/r':>16}{'Eq.4 surrogate':>17}{'Eq.4 vs MI':>12}"
+            )
             for row in rows:
                 z = f"{row['z']:.4f} {pm} {row['z_se']:.4f}" if "z" in row else "exact"
                 dlogw = f"{row['dlogw']:.2f}" if "dlogw" in row else "0"
-                paper = f"{row['paper']:.3g}" if "paper" in row else \
-                    (f"(3.1.2) {row['cor312']:.2f}" if "cor312" in row else "-")
+                paper = (
+                    f"{row['paper']:.3g}"
+                    if "paper" in row
+                    else (f"(3.1.2) {row['cor312']:.2f}" if "cor312" in row else "-")
+                )
                 v, e = row["vince"], row["eq4"]
-                verdict = "ABOVE" if e[0] - 4 * e[1] > mi else ("below" if e[0] + 4 * e[1] < mi else "~equal")
-                print(f"  {row['name']:<25}{z:>17}{dlogw:>6}{row['mean_w']:>9.2g}{v[0]:>12.3f} {pm} {v[1]:<5.3f}"
-                      f"{paper:>16}{e[0]:>9.3f} {pm} {e[1]:<5.3f}{verdict:>12}")
+                verdict = (
+                    "ABOVE"
+                    if e[0] - 4 * e[1] > mi
+                    else ("below" if e[0] + 4 * e[1] < mi else "~equal")
+                )
+                print(
+                    f"  {row['name']:<25}{z:>17}{dlogw:>6}{row['mean_w']:>9.2g}{v[0]:>12.3f} {pm} {v[1]:<5.3f}"
+                    f"{paper:>16}{e[0]:>9.3f} {pm} {e[1]:<5.3f}{verdict:>12}"
+                )
 
     p = zipf_marginal(args.vocab, args.zipf)
     joint = copy_channel_joint(p, args.keep)
     critic = discrete_optimal_critic(joint)
     mi_v = discrete_mi(joint)
     kl_u = math.log(args.vocab) + (p * p.log()).sum().item()  # KL(p || uniform) = log V - H(p)
-    print(f"\nVINCE on a vocabulary (Sec. 5.1 reading): |V| = {args.vocab}, Zipf({args.zipf:g}) token frequencies, "
-          f"y = x with prob. {args.keep:g}; I(X;Y) = {mi_v:.3f} nats")
-    print("Corollary 3.1.2: c = prod inf p/q; its claimed bound c*mean(l) - K + 1 (valid only where l >= 0).")
+    print(
+        f"\nVINCE on a vocabulary (Sec. 5.1 reading): |V| = {args.vocab}, Zipf({args.zipf:g}) token frequencies, "
+        f"y = x with prob. {args.keep:g}; I(X;Y) = {mi_v:.3f} nats"
+    )
+    print(
+        "Corollary 3.1.2: c = prod inf p/q; its claimed bound c*mean(l) - K + 1 (valid only where l >= 0)."
+    )
     for k in args.k:
         rows = vocabulary_block(k, p, joint, critic, args, generator)
         print(f"\nK = {k}   log K = {math.log(k):.2f}   cap = {vince_cap(k):.2f}")
-        print(f"  {'proposal':<26}{'log c':>10}{'mean W':>10}{'VINCE':>19}{'Cor3.1.2':>11}{'Eq.4 surrogate':>17}"
-              f"  {'Eq.4 vs MI':>10}")
+        print(
+            f"  {'proposal':<26}{'log c':>10}{'mean W':>10}{'VINCE':>19}{'Cor3.1.2':>11}{'Eq.4 surrogate':>17}"
+            f"  {'Eq.4 vs MI':>10}"
+        )
         for row in rows:
             v, e = row["vince"], row["eq4"]
-            verdict = "ABOVE" if e[0] - 4 * e[1] > mi_v else ("below" if e[0] + 4 * e[1] < mi_v else "~equal")
-            print(f"  {row['name']:<26}{row['log_c']:>10.1f}{row['mean_w']:>10.2g}{v[0]:>11.3f} {pm} {v[1]:<5.3f}"
-                  f"{row['cor312']:>11.2f}{e[0]:>9.3f} {pm} {e[1]:<5.3f}  {verdict:>10}")
-    log_cond = joint.log() - p.log()[:, None]   # log p(y | x): the optimum of the full-vocabulary softmax
+            verdict = (
+                "ABOVE"
+                if e[0] - 4 * e[1] > mi_v
+                else ("below" if e[0] + 4 * e[1] < mi_v else "~equal")
+            )
+            print(
+                f"  {row['name']:<26}{row['log_c']:>10.1f}{row['mean_w']:>10.2g}{v[0]:>11.3f} {pm} {v[1]:<5.3f}"
+                f"{row['cor312']:>11.2f}{e[0]:>9.3f} {pm} {e[1]:<5.3f}  {verdict:>10}"
+            )
+    log_cond = (
+        joint.log() - p.log()[:, None]
+    )  # log p(y | x): the optimum of the full-vocabulary softmax
     print("\n  MLM, whole vocabulary as negatives (Eq. 4 with uniform q, K = |V|), exact:")
-    print(f"    at f* = log p(y|x)/p(y): {mlm_full_vocabulary_value(joint, critic):.3f}   "
-          f"at its optimum f = log p(y|x): {mlm_full_vocabulary_value(joint, log_cond):.3f}   "
-          f"= I + KL(p||uniform) = {mi_v:.3f} + {kl_u:.3f}")
+    print(
+        f"    at f* = log p(y|x)/p(y): {mlm_full_vocabulary_value(joint, critic):.3f}   "
+        f"at its optimum f = log p(y|x): {mlm_full_vocabulary_value(joint, log_cond):.3f}   "
+        f"= I + KL(p||uniform) = {mi_v:.3f} + {kl_u:.3f}"
+    )
 
     # Exact checks on a 5-token vocabulary, K = 3: every expectation enumerated.
     v_small, k_small = 5, 3
@@ -749,28 +956,41 @@ def main(argv=None):
     joint5 = copy_channel_joint(p5, 0.6)
     f5 = discrete_optimal_critic(joint5)
     u5 = torch.full_like(p5, 1.0 / v_small)
-    print(f"\nExact enumeration: |V| = {v_small}, K = {k_small}, I(X;Y) = {discrete_mi(joint5):.4f}, "
-          f"cap = {vince_cap(k_small):.4f}, q = uniform (Ex. 3)")
+    print(
+        f"\nExact enumeration: |V| = {v_small}, K = {k_small}, I(X;Y) = {discrete_mi(joint5):.4f}, "
+        f"cap = {vince_cap(k_small):.4f}, q = uniform (Ex. 3)"
+    )
     for name, crit in [("f*", f5), ("-f*", -f5)]:
         e_wl, e_l, e_cl = exact_weighted_infonce(joint5, crit, u5, k_small)
         e_p = exact_weighted_infonce(joint5, crit, p5, k_small)[0]
         holds = e_wl >= e_cl
-        print(f"  critic {name:<4} InfoNCE(K) = {e_p:8.4f}  E_q[W l] = {e_wl:8.4f}  VINCE = {e_wl - k_small + 1:8.4f}  "
-              f"Cor3.1.2 bound = {e_cl - k_small + 1:8.4f}  ({'holds' if holds else 'VIOLATED: VINCE < bound'})")
+        print(
+            f"  critic {name:<4} InfoNCE(K) = {e_p:8.4f}  E_q[W l] = {e_wl:8.4f}  VINCE = {e_wl - k_small + 1:8.4f}  "
+            f"Cor3.1.2 bound = {e_cl - k_small + 1:8.4f}  ({'holds' if holds else 'VIOLATED: VINCE < bound'})"
+        )
 
     s5 = token_similarity(v_small)
     psi = torch.tensor([0.3, -1.5], dtype=torch.float64)
-    print(f"\nVINCE+ (Appendix C): r_psi = sigmoid(psi0 + psi1 s), psi = {psi.tolist()}, exact grad_psi of Eq. 17")
+    print(
+        f"\nVINCE+ (Appendix C): r_psi = sigmoid(psi0 + psi1 s), psi = {psi.tolist()}, exact grad_psi of Eq. 17"
+    )
     print(f"  {'reading of Eq. 17':<44}{'autograd':>22}{'Lemma C.1 printed':>24}{'corrected':>24}")
-    for label, weights, normalized in [("q = r p / Z (sampler), W = prod 1/r", "paper", True),
-                                       ("q = r p (paper, unnormalized), W = prod 1/r", "paper", False),
-                                       ("q = r p / Z, true W = Z^(K-1) prod 1/r", "true", True)]:
+    for label, weights, normalized in [
+        ("q = r p / Z (sampler), W = prod 1/r", "paper", True),
+        ("q = r p (paper, unnormalized), W = prod 1/r", "paper", False),
+        ("q = r p / Z, true W = Z^(K-1) prod 1/r", "true", True),
+    ]:
         leaf = psi.clone().requires_grad_(True)
         vince_plus_objective(leaf, joint5, f5, s5, k_small, weights, normalized).backward()
         fmt = lambda g: f"[{g[0]:+.4f}, {g[1]:+.4f}]"
-        printed = fmt(lemma_c1_gradient(psi, joint5, f5, s5, k_small, "printed", weights, normalized)) \
-            if weights == "paper" else "n/a"
-        corrected = fmt(lemma_c1_gradient(psi, joint5, f5, s5, k_small, "corrected", weights, normalized))
+        printed = (
+            fmt(lemma_c1_gradient(psi, joint5, f5, s5, k_small, "printed", weights, normalized))
+            if weights == "paper"
+            else "n/a"
+        )
+        corrected = fmt(
+            lemma_c1_gradient(psi, joint5, f5, s5, k_small, "corrected", weights, normalized)
+        )
         print(f"  {label:<44}{fmt(leaf.grad):>22}{printed:>24}{corrected:>24}")
     print(f"\ndone in {time.time() - start:.1f} s")
 

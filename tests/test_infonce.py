@@ -51,8 +51,16 @@ def gen(seed):
 def optimal_replicates(bound, mi, k, n_batches, seed, dim=20, shift=0.0):
     """Per-batch values of ``bound`` with the critic optimal_critic + shift (float64)."""
     rho = rho_from_mi(dim, mi)
-    return bound_replicates(lambda x, y: shift + optimal_critic(x, y, rho), bound, dim, rho, k,
-                            n_batches, gen(seed), dtype=torch.float64)
+    return bound_replicates(
+        lambda x, y: shift + optimal_critic(x, y, rho),
+        bound,
+        dim,
+        rho,
+        k,
+        n_batches,
+        gen(seed),
+        dtype=torch.float64,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -84,7 +92,9 @@ def test_optimal_critic_is_the_log_density_ratio():
     assert got.shape == (6, 4)
     conditional = torch.distributions.Normal(rho * x[:, None, :], math.sqrt(1 - rho * rho))
     marginal = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
-    expected = (conditional.log_prob(y[None, :4, :]) - marginal.log_prob(y[None, :4, :]).double()).sum(-1)
+    expected = (
+        conditional.log_prob(y[None, :4, :]) - marginal.log_prob(y[None, :4, :]).double()
+    ).sum(-1)
     assert torch.allclose(got, expected, atol=1e-10)
     # Batched form agrees with the 2-D form batch by batch.
     xb, yb = x.view(2, 3, dim), y.view(2, 3, dim)
@@ -119,7 +129,9 @@ def test_scores_from_critic_matrix_puts_diagonal_first():
     assert torch.equal(s[3], torch.tensor([15.0, 12.0, 13.0, 14.0]))
     batched = torch.randn(3, 5, 5, generator=gen(3))
     for i in range(3):
-        assert torch.equal(scores_from_critic_matrix(batched)[i], scores_from_critic_matrix(batched[i]))
+        assert torch.equal(
+            scores_from_critic_matrix(batched)[i], scores_from_critic_matrix(batched[i])
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +163,9 @@ def test_infonce_at_most_log_k_exactly_for_any_scores(k):
 
 def test_infonce_loss_is_log_k_minus_bound():
     scores = torch.randn(64, 33, generator=gen(4), dtype=torch.float64)
-    assert torch.allclose(infonce_loss(scores, "none"), math.log(33) - infonce_bound(scores, "none"))
+    assert torch.allclose(
+        infonce_loss(scores, "none"), math.log(33) - infonce_bound(scores, "none")
+    )
     # It is the usual cross-entropy with target class 0.
     ce = torch.nn.functional.cross_entropy(scores, torch.zeros(64, dtype=torch.long))
     assert float(infonce_loss(scores)) == pytest.approx(float(ce), rel=1e-12)
@@ -168,7 +182,9 @@ def test_infonce_loss_gradient_is_autograd_of_negated_bound():
     one_hot = torch.zeros(32, 9, dtype=torch.float64)
     one_hot[:, 0] = 1.0
     assert torch.allclose(grad_loss, (torch.softmax(scores.detach(), 1) - one_hot) / 32, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda s: infonce_loss(s, "none"), (scores[:4].detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda s: infonce_loss(s, "none"), (scores[:4].detach().requires_grad_(),)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -202,7 +218,9 @@ def test_infonce_optimal_critic_rises_with_k_and_stays_below_min_mi_log_k():
     for mi in (2.0, 6.0):
         previous = None
         for k in (4, 16, 128, 1024):
-            mean, se = mean_and_stderr(optimal_replicates(infonce_bound, mi, k, rows // k, seed=10 + k))
+            mean, se = mean_and_stderr(
+                optimal_replicates(infonce_bound, mi, k, rows // k, seed=10 + k)
+            )
             assert mean - 4 * se <= min(mi, math.log(k))  # Theorem A.3 and the log K cap
             if previous is not None:
                 # Strictly larger than at the previous K, by more than 4 combined SEs.
@@ -236,8 +254,12 @@ def test_theorem_a3_symmetry_step():
     x, y = sample_correlated_gaussians(n * k, dim, rho, generator=gen(25), dtype=torch.float64)
     x, y = x.view(n, k, dim), y.view(n, k, dim)
     joint = scores_from_critic_matrix(optimal_critic(x, y, rho)).reshape(n * k, k)
-    x_indep = sample_correlated_gaussians(n * k, dim, rho, generator=gen(26), dtype=torch.float64)[0]
-    product = scores_from_critic_matrix(optimal_critic(x_indep.view(n, k, dim), y, rho)).reshape(n * k, k)
+    x_indep = sample_correlated_gaussians(n * k, dim, rho, generator=gen(26), dtype=torch.float64)[
+        0
+    ]
+    product = scores_from_critic_matrix(optimal_critic(x_indep.view(n, k, dim), y, rho)).reshape(
+        n * k, k
+    )
     ratio_product = (k * torch.softmax(product, 1)[:, 0]).view(n, k).mean(1)
     mean, se = mean_and_stderr(ratio_product)
     assert abs(mean - 1.0) <= 4 * se
@@ -322,7 +344,9 @@ def test_ba_with_the_true_posterior_is_the_mi_and_a_wrong_one_loses_the_kl():
     x, y = sample_correlated_gaussians(n, d, rho, generator=gen(50), dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64)
     log_p_x = _log_normal(x, 0.0, one)
-    true = mean_and_stderr(ba_bound(_log_normal(x, rho * y, (1 - rho * rho) * one), log_p_x, "none"))
+    true = mean_and_stderr(
+        ba_bound(_log_normal(x, rho * y, (1 - rho * rho) * one), log_p_x, "none")
+    )
     assert abs(true[0] - mi) <= 4 * true[1]
     # q = N(rho y, s^2 I) with s^2 = 1: I_BA = I - d KL(N(0, 1-rho^2) || N(0, 1)).
     s2 = 1.0
@@ -345,15 +369,18 @@ def test_uba_with_exact_partition():
     tight = mean_and_stderr(uba_bound(f_star + c_y[:, None], c_y, "none"))
     assert abs(tight[0] - mi) <= 4 * tight[1]
     # The same shift without its partition is not a bound on anything: it moves by E[c(y)].
-    assert float(uba_bound(f_star + c_y[:, None], torch.zeros(n, dtype=torch.float64))) == pytest.approx(
-        tight[0] + float(c_y.mean()), abs=1e-9)
+    assert float(
+        uba_bound(f_star + c_y[:, None], torch.zeros(n, dtype=torch.float64))
+    ) == pytest.approx(tight[0] + float(c_y.mean()), abs=1e-9)
     # Bilinear critic f = rho x.y: check the closed-form log Z(y) = rho^2 |y|^2 / 2 by Monte Carlo
     # at one y, then UBA = rho^2 d / 2 < I.
     y0 = y[:1]
     x_fresh = torch.randn(400_000, d, generator=gen(52), dtype=torch.float64)
     log_z_mc = float(torch.logsumexp(rho * x_fresh @ y0[0], 0) - math.log(400_000))
     assert log_z_mc == pytest.approx(0.5 * rho * rho * float((y0 * y0).sum()), abs=0.05)
-    lin = mean_and_stderr(uba_bound((rho * (x * y).sum(1))[:, None], 0.5 * rho * rho * (y * y).sum(1), "none"))
+    lin = mean_and_stderr(
+        uba_bound((rho * (x * y).sum(1))[:, None], 0.5 * rho * rho * (y * y).sum(1), "none")
+    )
     assert abs(lin[0] - rho * rho * d / 2) <= 4 * lin[1]
     assert lin[0] + 4 * lin[1] < mi
 
@@ -382,34 +409,42 @@ def test_learned_separable_critic_gets_a_clearly_positive_bound():
 # ---------------------------------------------------------------------------
 # Bad arguments name themselves.
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("call, match", [
-    (lambda: sample_correlated_gaussians(10, 3, 1.0), "rho"),
-    (lambda: sample_correlated_gaussians(10, 3, -1.0), "rho"),
-    (lambda: sample_correlated_gaussians(10, 3, float("nan")), "rho"),
-    (lambda: gaussian_mi(3, 1.5), "rho"),
-    (lambda: optimal_critic(torch.zeros(2, 3), torch.zeros(2, 3), -2.0), "rho"),
-    (lambda: sample_correlated_gaussians(0, 3, 0.5), "n must"),
-    (lambda: gaussian_mi(0, 0.5), "dim"),
-    (lambda: rho_from_mi(20, -1.0), "mi"),
-    (lambda: rho_from_mi(20, float("inf")), "mi"),
-    (lambda: infonce_bound(torch.zeros(4, 0)), "K >= 1"),
-    (lambda: infonce_loss(torch.zeros(4, 0)), "K >= 1"),
-    (lambda: nwj_bound(torch.zeros(4, 1)), "K >= 2"),
-    (lambda: infonce_bound(torch.zeros(4)), "scores"),
-    (lambda: infonce_loss(torch.zeros(2, 3, 4)), "scores"),
-    (lambda: infonce_bound(torch.zeros(4, 3, dtype=torch.long)), "scores"),
-    (lambda: infonce_bound(torch.zeros(4, 3), reduction="sum"), "reduction"),
-    (lambda: uba_bound(torch.zeros(4, 3), torch.zeros(5)), "log_partition"),
-    (lambda: uba_bound(torch.zeros(4, 3), torch.zeros(4, 1)), "log_partition"),
-    (lambda: ba_bound(torch.zeros(4), torch.zeros(3)), "log_p_x"),
-    (lambda: ba_bound(torch.zeros(4, 2), torch.zeros(4, 2)), "log_q_x_given_y"),
-    (lambda: optimal_critic(torch.zeros(2, 3), torch.zeros(2, 4), 0.5), "x and y"),
-    (lambda: scores_from_critic_matrix(torch.zeros(3, 4)), "critic_matrix"),
-    (lambda: mean_and_stderr(torch.zeros(1)), "replicates"),
-    (lambda: nwj_optimal_stderr(20, 0.5, 1, 10), "k must"),
-    (lambda: bound_replicates(lambda x, y: x @ y.transpose(-1, -2), infonce_bound, 3, 0.5, 1, 4), "k must"),
-    (lambda: SeparableCritic(3, hidden=0), "hidden"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: sample_correlated_gaussians(10, 3, 1.0), "rho"),
+        (lambda: sample_correlated_gaussians(10, 3, -1.0), "rho"),
+        (lambda: sample_correlated_gaussians(10, 3, float("nan")), "rho"),
+        (lambda: gaussian_mi(3, 1.5), "rho"),
+        (lambda: optimal_critic(torch.zeros(2, 3), torch.zeros(2, 3), -2.0), "rho"),
+        (lambda: sample_correlated_gaussians(0, 3, 0.5), "n must"),
+        (lambda: gaussian_mi(0, 0.5), "dim"),
+        (lambda: rho_from_mi(20, -1.0), "mi"),
+        (lambda: rho_from_mi(20, float("inf")), "mi"),
+        (lambda: infonce_bound(torch.zeros(4, 0)), "K >= 1"),
+        (lambda: infonce_loss(torch.zeros(4, 0)), "K >= 1"),
+        (lambda: nwj_bound(torch.zeros(4, 1)), "K >= 2"),
+        (lambda: infonce_bound(torch.zeros(4)), "scores"),
+        (lambda: infonce_loss(torch.zeros(2, 3, 4)), "scores"),
+        (lambda: infonce_bound(torch.zeros(4, 3, dtype=torch.long)), "scores"),
+        (lambda: infonce_bound(torch.zeros(4, 3), reduction="sum"), "reduction"),
+        (lambda: uba_bound(torch.zeros(4, 3), torch.zeros(5)), "log_partition"),
+        (lambda: uba_bound(torch.zeros(4, 3), torch.zeros(4, 1)), "log_partition"),
+        (lambda: ba_bound(torch.zeros(4), torch.zeros(3)), "log_p_x"),
+        (lambda: ba_bound(torch.zeros(4, 2), torch.zeros(4, 2)), "log_q_x_given_y"),
+        (lambda: optimal_critic(torch.zeros(2, 3), torch.zeros(2, 4), 0.5), "x and y"),
+        (lambda: scores_from_critic_matrix(torch.zeros(3, 4)), "critic_matrix"),
+        (lambda: mean_and_stderr(torch.zeros(1)), "replicates"),
+        (lambda: nwj_optimal_stderr(20, 0.5, 1, 10), "k must"),
+        (
+            lambda: bound_replicates(
+                lambda x, y: x @ y.transpose(-1, -2), infonce_bound, 3, 0.5, 1, 4
+            ),
+            "k must",
+        ),
+        (lambda: SeparableCritic(3, hidden=0), "hidden"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -419,8 +454,13 @@ def test_bad_arguments_raise_value_error_naming_the_argument(call, match):
 # The script.
 # ---------------------------------------------------------------------------
 def _run(*args):
-    return subprocess.run([sys.executable, str(REPO / "infonce.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "infonce.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_help_explains_the_flags():
@@ -431,15 +471,18 @@ def test_help_explains_the_flags():
     assert "Eq. 2" in result.stdout and "I(X;Y)" in result.stdout
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--ks", "1"], "--ks"),
-    (["--mi", "-1"], "--mi"),
-    (["--mi", "nan"], "--mi"),
-    (["--rows", "100", "--ks", "64"], "--rows"),
-    (["--dim", "0"], "--dim"),
-    (["--train-k", "1"], "--train-k"),
-    (["--lr", "0"], "--lr"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--ks", "1"], "--ks"),
+        (["--mi", "-1"], "--mi"),
+        (["--mi", "nan"], "--mi"),
+        (["--rows", "100", "--ks", "64"], "--rows"),
+        (["--dim", "0"], "--dim"),
+        (["--train-k", "1"], "--train-k"),
+        (["--lr", "0"], "--lr"),
+    ],
+)
 def test_bad_flags_give_clear_errors(args, flag, capsys):
     # In-process (argparse exits with status 2); --help and a full run go through a subprocess.
     with pytest.raises(SystemExit) as exit_info:
@@ -450,10 +493,23 @@ def test_bad_flags_give_clear_errors(args, flag, capsys):
 
 def test_small_run_prints_the_table_and_saves_the_figure(tmp_path):
     figure = tmp_path / "staircase.png"
-    result = _run("--mi", "2", "10", "--ks", "16", "--rows", "256", "--steps-per-stage", "20",
-                  "--plot", str(figure))
+    result = _run(
+        "--mi",
+        "2",
+        "10",
+        "--ks",
+        "16",
+        "--rows",
+        "256",
+        "--steps-per-stage",
+        "20",
+        "--plot",
+        str(figure),
+    )
     assert result.returncode == 0, result.stderr
     assert "InfoNCE (f*)" in result.stdout and "BA q=p(x|y)" in result.stdout
-    table_rows = [line for line in result.stdout.splitlines() if line.strip().startswith(("2.00", "10.00"))]
+    table_rows = [
+        line for line in result.stdout.splitlines() if line.strip().startswith(("2.00", "10.00"))
+    ]
     assert len(table_rows) == 4  # two MIs in the K table, two in the K-free table
     assert figure.exists() and figure.stat().st_size > 10_000

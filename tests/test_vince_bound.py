@@ -37,14 +37,14 @@ def _beta_grid(dim, n=400_001):
     a = (dim - 1) / 2.0
     s = (np.arange(n) + 0.5) / n
     log_pdf = (a - 1) * (np.log(s) + np.log1p(-s)) - (2 * math.lgamma(a) - math.lgamma(2 * a))
-    return s, np.exp(log_pdf) / n   # grid points and their probability mass
+    return s, np.exp(log_pdf) / n  # grid points and their probability mass
 
 
 def _exact_z_and_mean_s(dim, r_of_s):
     s, mass = _beta_grid(dim)
     r = r_of_s(s)
     z = float((r * mass).sum())
-    return z, float((s * r * mass).sum()) / z   # Z_r = E_p[r],  E_q[s] with q = r p / Z_r
+    return z, float((s * r * mass).sum()) / z  # Z_r = E_p[r],  E_q[s] with q = r p / Z_r
 
 
 # ---------------------------------------------------------------------------
@@ -67,7 +67,9 @@ def test_printed_eq3_is_lower_by_w_log_k():
     k = 7
     scores = torch.randn(40, k, generator=_gen(1), dtype=F64)
     log_w = torch.randn(40, generator=_gen(2), dtype=F64)
-    gap = vb.vince_bound(scores, log_w, "none") - vb.vince_bound(scores, log_w, "none", one_over_k=False)
+    gap = vb.vince_bound(scores, log_w, "none") - vb.vince_bound(
+        scores, log_w, "none", one_over_k=False
+    )
     assert torch.allclose(gap, log_w.exp() * math.log(k), atol=1e-12, rtol=0)
 
 
@@ -102,7 +104,9 @@ def test_cap_values():
 def test_estimate_never_exceeds_log_k_times_mean_weight_minus_k_plus_1(k):
     # Deterministic: l <= log K in every row and W >= 0, so mean(W l) <= log K * mean(W).
     scores = 10.0 * torch.randn(500, k, generator=_gen(k), dtype=F64)
-    scores[:, 0] += 20.0 * torch.rand(500, generator=_gen(k + 1), dtype=F64)  # many near-perfect rows
+    scores[:, 0] += 20.0 * torch.rand(
+        500, generator=_gen(k + 1), dtype=F64
+    )  # many near-perfect rows
     log_w = 2.0 * torch.randn(500, generator=_gen(k + 2), dtype=F64)
     est = vb.vince_bound(scores, log_w).item()
     assert est <= math.log(k) * log_w.exp().mean().item() - (k - 1) + 1e-9
@@ -115,7 +119,9 @@ def test_cap_is_sharp():
     k = 16
     scores = torch.zeros(10, k, dtype=F64)
     scores[:, 0] = 60.0
-    assert vb.vince_bound(scores, torch.zeros(10, dtype=F64)).item() == pytest.approx(vb.vince_cap(k), abs=1e-12)
+    assert vb.vince_bound(scores, torch.zeros(10, dtype=F64)).item() == pytest.approx(
+        vb.vince_cap(k), abs=1e-12
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -130,15 +136,19 @@ def test_gaussian_mi_above_infonce_and_vince_for_every_proposal():
     neg_p = torch.randn(n, k - 1, dim, generator=g, dtype=F64)
     nce = infonce.infonce_bound(vb.optimal_scores(x, y1, neg_p, rho), "none")
     m, se = _mean_se(nce)
-    assert m - 4 * se <= mi                                                      # (i)
-    for acceptance in [vb.threshold_acceptance(0.45), vb.band_acceptance(0.55, 1.0),
-                       vb.sigmoid_acceptance(-12.0, 20.0), vb.constant_acceptance(0.3)]:
+    assert m - 4 * se <= mi  # (i)
+    for acceptance in [
+        vb.threshold_acceptance(0.45),
+        vb.band_acceptance(0.55, 1.0),
+        vb.sigmoid_acceptance(-12.0, 20.0),
+        vb.constant_acceptance(0.3),
+    ]:
         neg, r = vb.rejection_sample(y1, k - 1, acceptance, g)
         z, _ = vb.estimate_acceptance_rate(y1, acceptance, 4096, g)
         log_w = vb.rejection_log_weights(r, z)
         m, se = _mean_se(vb.vince_bound(vb.optimal_scores(x, y1, neg, rho), log_w, "none"))
-        assert m - 4 * se <= mi                                                  # (ii)
-        assert m - 4 * se <= cap                                                 # (iii)
+        assert m - 4 * se <= mi  # (ii)
+        assert m - 4 * se <= cap  # (iii)
     neg, log_w, _ = vb.gaussian_tempered_proposal(n, k - 1, dim, 0.9, g)
     m, se = _mean_se(vb.vince_bound(vb.optimal_scores(x, y1, neg, rho), log_w, "none"))
     assert m - 4 * se <= cap < 0 <= mi
@@ -161,7 +171,7 @@ def test_paper_unnormalized_weights_break_the_bound():
     m, se = _mean_se(vb.vince_bound(scores, paper_log_w, "none"))
     assert m - 4 * se > mi
     log_w = vb.rejection_log_weights(r, z)
-    assert torch.allclose(log_w, torch.zeros_like(log_w), atol=1e-12)   # normalized: q = p, W = 1
+    assert torch.allclose(log_w, torch.zeros_like(log_w), atol=1e-12)  # normalized: q = p, W = 1
     m, se = _mean_se(vb.vince_bound(scores, log_w, "none"))
     assert m - 4 * se <= vb.vince_cap(k)
 
@@ -175,7 +185,10 @@ def test_normalizer_estimate_and_sampler_match_the_exact_density(name):
     acceptance, r_np = {
         "ex1": (vb.threshold_acceptance(0.4), lambda s: (s <= 0.4).astype(float)),
         "ex2": (vb.band_acceptance(0.6, 1.0), lambda s: ((s >= 0.6) & (s <= 1.0)).astype(float)),
-        "soft": (vb.sigmoid_acceptance(-12.0, 20.0), lambda s: 1.0 / (1.0 + np.exp(-(-12.0 + 20.0 * s)))),
+        "soft": (
+            vb.sigmoid_acceptance(-12.0, 20.0),
+            lambda s: 1.0 / (1.0 + np.exp(-(-12.0 + 20.0 * s))),
+        ),
     }[name]
     z_exact, mean_s_exact = _exact_z_and_mean_s(dim, r_np)
     g = _gen(7)
@@ -202,9 +215,11 @@ def test_gaussian_tempered_proposal_weights_and_bounded_ratio():
     log_q = torch.distributions.Normal(zero, zero + math.sqrt(t)).log_prob(y).sum(2)
     assert torch.allclose(log_w, (log_p - log_q).sum(1), atol=1e-10, rtol=0)
     assert log_c == pytest.approx(3 * 0.5 * dim * math.log(t))
-    assert torch.all(log_w >= log_c - 1e-12)                       # c = prod inf p/q
+    assert torch.all(log_w >= log_c - 1e-12)  # c = prod inf p/q
     assert y.var().item() == pytest.approx(t, rel=0.1)
-    assert vb.gaussian_tempered_proposal(2, 3, dim, 1.5, _gen(9))[2] == -math.inf  # t > 1: no bounded ratio
+    assert (
+        vb.gaussian_tempered_proposal(2, 3, dim, 1.5, _gen(9))[2] == -math.inf
+    )  # t > 1: no bounded ratio
 
 
 def test_tempered_vocabulary_proposal():
@@ -212,7 +227,7 @@ def test_tempered_vocabulary_proposal():
     assert torch.allclose(vb.tempered(p, 1.0), p)
     assert torch.allclose(vb.tempered(p, 1e9), torch.full_like(p, 1 / 30), atol=1e-8)
     q = vb.tempered(p, 4 / 3)
-    assert torch.allclose(q, p ** 0.75 / (p ** 0.75).sum())
+    assert torch.allclose(q, p**0.75 / (p**0.75).sum())
 
 
 def test_optimal_scores_match_infonce_optimal_critic():
@@ -221,8 +236,10 @@ def test_optimal_scores_match_infonce_optimal_critic():
     neg = torch.randn(8, 3, 5, generator=g, dtype=F64)
     scores = vb.optimal_scores(x, y, neg, rho)
     for b in range(8):
-        ys = torch.cat([y[b:b + 1], neg[b]], 0)
-        assert torch.allclose(scores[b], infonce.optimal_critic(x[b:b + 1], ys, rho)[0], atol=1e-10)
+        ys = torch.cat([y[b : b + 1], neg[b]], 0)
+        assert torch.allclose(
+            scores[b], infonce.optimal_critic(x[b : b + 1], ys, rho)[0], atol=1e-10
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +259,7 @@ def test_surrogate_with_easy_negatives_exceeds_mi_and_with_hard_stays_below():
 
 
 def test_mlm_whole_vocabulary_objective_exceeds_mi():
-    for exponent in [1.0, 0.0]:   # Zipf tokens, and uniform tokens as the control
+    for exponent in [1.0, 0.0]:  # Zipf tokens, and uniform tokens as the control
         p = vb.zipf_marginal(50, exponent)
         joint = vb.copy_channel_joint(p, 0.5)
         mi = vb.discrete_mi(joint)
@@ -253,7 +270,9 @@ def test_mlm_whole_vocabulary_objective_exceeds_mi():
         if exponent > 0:
             assert at_opt > mi + 0.3 and at_fstar > mi + 0.05
         else:
-            assert at_opt == pytest.approx(mi, abs=1e-10) and at_fstar == pytest.approx(mi, abs=1e-10)
+            assert at_opt == pytest.approx(mi, abs=1e-10) and at_fstar == pytest.approx(
+                mi, abs=1e-10
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -305,12 +324,16 @@ def test_every_full_support_proposal_has_the_same_expectation_as_infonce(k):
     nce = vb.exact_weighted_infonce(joint, critic, p, k)[0]
     sim = vb.token_similarity(5)
     r = torch.sigmoid(1.0 - 3.0 * sim)
-    conditional = r * p[None, :] / (r * p[None, :]).sum(1, keepdim=True)   # normalized rejection q(. | y_1)
+    conditional = (
+        r * p[None, :] / (r * p[None, :]).sum(1, keepdim=True)
+    )  # normalized rejection q(. | y_1)
     for q in [torch.full_like(p, 0.2), vb.tempered(p, 0.5), vb.tempered(p, 3.0), conditional]:
         e_wl, e_l, _ = vb.exact_weighted_infonce(joint, critic, q, k)
         assert e_wl == pytest.approx(nce, abs=1e-12)
         assert e_wl - (k - 1) <= vb.vince_cap(k) and e_wl - (k - 1) <= vb.discrete_mi(joint)
-    assert abs(vb.exact_weighted_infonce(joint, critic, torch.full_like(p, 0.2), k)[1] - nce) > 1e-3  # Eq. 4 differs
+    assert (
+        abs(vb.exact_weighted_infonce(joint, critic, torch.full_like(p, 0.2), k)[1] - nce) > 1e-3
+    )  # Eq. 4 differs
 
 
 def test_restricted_support_proposal_sees_only_the_accepted_event():
@@ -331,10 +354,10 @@ def test_corollary_3_1_2_inequality_needs_nonnegative_l():
     k = 3
     u = torch.full_like(p, 0.2)
     e_wl, _, e_cl = vb.exact_weighted_infonce(joint, critic, u, k)
-    assert e_wl >= e_cl                         # holds for the optimal critic here ...
+    assert e_wl >= e_cl  # holds for the optimal critic here ...
     e_wl, _, e_cl = vb.exact_weighted_infonce(joint, -critic, u, k)
-    assert e_wl < e_cl - 0.1                    # ... and fails for a poor critic (l mostly < 0)
-    for crit in [critic, -critic]:              # Eq. 3 as printed (l' <= 0): always reversed
+    assert e_wl < e_cl - 0.1  # ... and fails for a poor critic (l mostly < 0)
+    for crit in [critic, -critic]:  # Eq. 3 as printed (l' <= 0): always reversed
         e_wl, _, e_cl = vb.exact_weighted_infonce(joint, crit, u, k, one_over_k=False)
         assert e_wl <= e_cl
         assert e_cl - (k - 1) <= 0 <= vb.discrete_mi(joint)
@@ -363,7 +386,7 @@ def test_lemma_c1_printed_fails_and_corrected_matches_autograd(k, normalized):
     printed = vb.lemma_c1_gradient(psi, joint, critic, sim, k, "printed", "paper", normalized)
     assert torch.allclose(corrected, truth, atol=1e-12, rtol=1e-10)
     assert (printed - truth).abs().max() > 0.1
-    if not normalized:   # the paper's q = r p: q W = p, the objective does not depend on psi
+    if not normalized:  # the paper's q = r p: q W = p, the objective does not depend on psi
         assert truth.abs().max() < 1e-12
 
 
@@ -374,12 +397,14 @@ def test_vince_plus_with_true_weights_does_not_depend_on_psi(normalized):
     nce = vb.exact_weighted_infonce(joint, critic, joint.sum(0), k)[0]
     for psi0, psi1 in [(0.3, -1.5), (-2.0, 4.0)]:
         psi = torch.tensor([psi0, psi1], dtype=F64, requires_grad=True)
-        weights = "true" if normalized else "paper"   # both make q W = p exactly
+        weights = "true" if normalized else "paper"  # both make q W = p exactly
         j = vb.vince_plus_objective(psi, joint, critic, sim, k, weights, normalized)
         j.backward()
         assert j.item() == pytest.approx(nce, abs=1e-12)
         assert psi.grad.abs().max() < 1e-12
-        corrected = vb.lemma_c1_gradient(psi, joint, critic, sim, k, "corrected", weights, normalized)
+        corrected = vb.lemma_c1_gradient(
+            psi, joint, critic, sim, k, "corrected", weights, normalized
+        )
         assert corrected.abs().max() < 1e-12
 
 
@@ -399,51 +424,86 @@ def test_eq4_with_learned_proposal_has_score_function_gradient(normalized):
 # ---------------------------------------------------------------------------
 # Bad input, CLI.
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("call, match", [
-    (lambda: vb.vince_bound(torch.zeros(4), torch.zeros(4)), "scores"),
-    (lambda: vb.vince_bound(torch.zeros(4, 0), torch.zeros(4)), "K >= 1"),
-    (lambda: vb.vince_bound(torch.zeros(4, 3), torch.zeros(5)), "log_weights"),
-    (lambda: vb.vince_bound(torch.zeros(4, 3), torch.zeros(4), reduction="sum"), "reduction"),
-    (lambda: vb.vince_cap(0), "K"),
-    (lambda: vb.vince_cap(2.5), "K"),
-    (lambda: vb.corollary_3_1_2_bound(torch.zeros(4, 3), 0.1), "log_c"),
-    (lambda: vb.corollary_3_1_2_bound(torch.zeros(4, 3), torch.zeros(3)), "log_c"),
-    (lambda: vb.threshold_acceptance(0.0), "t"),
-    (lambda: vb.threshold_acceptance(1.5), "t"),
-    (lambda: vb.band_acceptance(-0.1, 0.5), "l"),
-    (lambda: vb.band_acceptance(0.7, 0.6), "u"),
-    (lambda: vb.band_acceptance(0.2, 1.1), "u"),
-    (lambda: vb.constant_acceptance(0.0), "c"),
-    (lambda: vb.estimate_acceptance_rate(torch.zeros(2, 3), vb.constant_acceptance(0.5), 1), "n_samples"),
-    (lambda: vb.rejection_sample(torch.ones(2, 3), 4, vb.threshold_acceptance(1e-9), max_proposals=10_000),
-     "acceptance"),
-    (lambda: vb.rejection_sample(torch.ones(2, 3), -1, vb.constant_acceptance(0.5)), "n_neg"),
-    (lambda: vb.rejection_log_weights(torch.full((2, 3), 0.5), torch.zeros(2)), "z"),
-    (lambda: vb.rejection_log_weights(torch.full((2, 3), 0.5), torch.ones(3)), "z"),
-    (lambda: vb.rejection_log_weights(torch.zeros(2, 3), torch.ones(2)), "r"),
-    (lambda: vb.optimal_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4, 3), 1.0), "rho"),
-    (lambda: vb.optimal_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 4, 3), 0.5), "y_neg"),
-    (lambda: vb.gaussian_tempered_proposal(2, 3, 4, -1.0), "t"),
-    (lambda: vb.zipf_marginal(1), "vocab"),
-    (lambda: vb.copy_channel_joint(vb.zipf_marginal(4), 1.0), "keep"),
-    (lambda: vb.tempered(vb.zipf_marginal(4), 0.0), "t"),
-    (lambda: vb.enumerate_negatives(4, 0), "K"),
-    (lambda: vb.lemma_c1_gradient(torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, form="x"), "form"),
-    (lambda: vb.lemma_c1_gradient(torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, "printed",
-                                  "true"), "weights"),
-    (lambda: vb.vince_plus_objective(torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, "x"),
-     "weights"),
-    (lambda: vb.parse_args(["--k", "0"]), "K"),
-    (lambda: vb.parse_args(["--band", "0.7", "0.6"]), "u"),
-    (lambda: vb.parse_args(["--keep", "1.0"]), "keep"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: vb.vince_bound(torch.zeros(4), torch.zeros(4)), "scores"),
+        (lambda: vb.vince_bound(torch.zeros(4, 0), torch.zeros(4)), "K >= 1"),
+        (lambda: vb.vince_bound(torch.zeros(4, 3), torch.zeros(5)), "log_weights"),
+        (lambda: vb.vince_bound(torch.zeros(4, 3), torch.zeros(4), reduction="sum"), "reduction"),
+        (lambda: vb.vince_cap(0), "K"),
+        (lambda: vb.vince_cap(2.5), "K"),
+        (lambda: vb.corollary_3_1_2_bound(torch.zeros(4, 3), 0.1), "log_c"),
+        (lambda: vb.corollary_3_1_2_bound(torch.zeros(4, 3), torch.zeros(3)), "log_c"),
+        (lambda: vb.threshold_acceptance(0.0), "t"),
+        (lambda: vb.threshold_acceptance(1.5), "t"),
+        (lambda: vb.band_acceptance(-0.1, 0.5), "l"),
+        (lambda: vb.band_acceptance(0.7, 0.6), "u"),
+        (lambda: vb.band_acceptance(0.2, 1.1), "u"),
+        (lambda: vb.constant_acceptance(0.0), "c"),
+        (
+            lambda: vb.estimate_acceptance_rate(torch.zeros(2, 3), vb.constant_acceptance(0.5), 1),
+            "n_samples",
+        ),
+        (
+            lambda: vb.rejection_sample(
+                torch.ones(2, 3), 4, vb.threshold_acceptance(1e-9), max_proposals=10_000
+            ),
+            "acceptance",
+        ),
+        (lambda: vb.rejection_sample(torch.ones(2, 3), -1, vb.constant_acceptance(0.5)), "n_neg"),
+        (lambda: vb.rejection_log_weights(torch.full((2, 3), 0.5), torch.zeros(2)), "z"),
+        (lambda: vb.rejection_log_weights(torch.full((2, 3), 0.5), torch.ones(3)), "z"),
+        (lambda: vb.rejection_log_weights(torch.zeros(2, 3), torch.ones(2)), "r"),
+        (
+            lambda: vb.optimal_scores(
+                torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4, 3), 1.0
+            ),
+            "rho",
+        ),
+        (
+            lambda: vb.optimal_scores(
+                torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 4, 3), 0.5
+            ),
+            "y_neg",
+        ),
+        (lambda: vb.gaussian_tempered_proposal(2, 3, 4, -1.0), "t"),
+        (lambda: vb.zipf_marginal(1), "vocab"),
+        (lambda: vb.copy_channel_joint(vb.zipf_marginal(4), 1.0), "keep"),
+        (lambda: vb.tempered(vb.zipf_marginal(4), 0.0), "t"),
+        (lambda: vb.enumerate_negatives(4, 0), "K"),
+        (
+            lambda: vb.lemma_c1_gradient(
+                torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, form="x"
+            ),
+            "form",
+        ),
+        (
+            lambda: vb.lemma_c1_gradient(
+                torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, "printed", "true"
+            ),
+            "weights",
+        ),
+        (
+            lambda: vb.vince_plus_objective(
+                torch.zeros(2), torch.eye(2) / 2, torch.eye(2), torch.eye(2), 2, "x"
+            ),
+            "weights",
+        ),
+        (lambda: vb.parse_args(["--k", "0"]), "K"),
+        (lambda: vb.parse_args(["--band", "0.7", "0.6"]), "u"),
+        (lambda: vb.parse_args(["--keep", "1.0"]), "keep"),
+    ],
+)
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
 def test_help_runs():
-    out = subprocess.run([sys.executable, "vince_bound.py", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "vince_bound.py", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     assert "--z-samples" in out.stdout and "Example 1" in out.stdout
 
@@ -452,6 +512,6 @@ def test_demo_prints_the_checks(capsys):
     vb.main(["--mi", "2", "--k", "4", "--anchors", "64", "--z-samples", "256", "--vocab", "40"])
     text = capsys.readouterr().out
     assert "(v) q = p: max |VINCE - (InfoNCE - (K-1))| = 0.0e+00" in text
-    assert "cap = -1.61" in text                                 # log 4 - 3
-    assert "VIOLATED" in text and "holds" in text                # Corollary 3.1.2, -f* and f*
+    assert "cap = -1.61" in text  # log 4 - 3
+    assert "VIOLATED" in text and "holds" in text  # Corollary 3.1.2, -f* and f*
     assert "Lemma C.1 printed" in text
