@@ -78,23 +78,49 @@ def ir_loss(z, bank, idx, tau=0.07):
     describe = lambda x: f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__  # noqa: E731
     if not (torch.is_tensor(z) and z.dim() == 2 and z.is_floating_point() and len(z) > 0):
         raise ValueError(f"z must be a floating-point tensor [B, d] with B >= 1, got {describe(z)}")
-    if not (torch.is_tensor(bank) and bank.dim() == 2 and bank.is_floating_point() and bank.shape[1] == z.shape[1]):
-        raise ValueError(f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors) and z [B, d] "
-                         f"and bank must share d, got z {describe(z)}, bank {describe(bank)}")
-    if not (torch.is_tensor(idx) and idx.shape == z.shape[:1] and not idx.is_floating_point() and idx.dtype != torch.bool):
+    if not (
+        torch.is_tensor(bank)
+        and bank.dim() == 2
+        and bank.is_floating_point()
+        and bank.shape[1] == z.shape[1]
+    ):
+        raise ValueError(
+            f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors) and z [B, d] "
+            f"and bank must share d, got z {describe(z)}, bank {describe(bank)}"
+        )
+    if not (
+        torch.is_tensor(idx)
+        and idx.shape == z.shape[:1]
+        and not idx.is_floating_point()
+        and idx.dtype != torch.bool
+    ):
         raise ValueError(f"idx must be a 1-D integer tensor [B] = [{len(z)}], got {describe(idx)}")
     if isinstance(tau, bool) or not 0 < tau < math.inf:
         raise ValueError(f"tau (the temperature of Eq. 6) must be a finite number > 0, got {tau!r}")
-    if z.device.type == "cpu":  # checks that read values: CPU only (on a GPU the host would wait for them)
+    if (
+        z.device.type == "cpu"
+    ):  # checks that read values: CPU only (on a GPU the host would wait for them)
         norms = z.detach().norm(dim=1)
-        if not ((norms - 1).abs() <= 1e-2).all():  # within 1e-2 of 1: unit rows rounded to bf16 pass
-            raise ValueError(f"z must be L2-normalized (F.normalize(z, dim=1)), got norms {norms.min():.4g}..{norms.max():.4g}")
+        if not (
+            (norms - 1).abs() <= 1e-2
+        ).all():  # within 1e-2 of 1: unit rows rounded to bf16 pass
+            raise ValueError(
+                f"z must be L2-normalized (F.normalize(z, dim=1)), got norms {norms.min():.4g}..{norms.max():.4g}"
+            )
         if len(bank) == 0 or idx.min() < 0 or idx.max() >= len(bank):
-            raise IndexError(f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}")
+            raise IndexError(
+                f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}"
+            )
     dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
-    z, bank, idx = z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=bank.is_cuda)
+    z, bank, idx = (
+        z.to(dtype),
+        bank.detach().to(dtype),
+        idx.to(bank.device, torch.long, non_blocking=bank.is_cuda),
+    )
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-        logits = (z / tau) @ bank.T  # [B, N]: Eq. 6's exponents z^T M[j] / tau (dividing z, not the [B, N] product)
+        logits = (
+            z / tau
+        ) @ bank.T  # [B, N]: Eq. 6's exponents z^T M[j] / tau (dividing z, not the [B, N] product)
         return F.cross_entropy(logits, idx)  # mean of logsumexp_j logits[b, j] - logits[b, i]
 
 
@@ -103,21 +129,45 @@ def _check_inputs(z, bank, idx, tau):
     describe = lambda x: f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__  # noqa: E731
     if not (torch.is_tensor(z) and z.dim() == 2 and z.is_floating_point() and len(z) > 0):
         raise ValueError(f"z must be a floating-point tensor [B, d] with B >= 1, got {describe(z)}")
-    if not (torch.is_tensor(bank) and bank.dim() == 2 and bank.is_floating_point() and bank.shape[1] == z.shape[1]):
-        raise ValueError(f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors) and z [B, d] "
-                         f"and bank must share d, got z {describe(z)}, bank {describe(bank)}")
-    if not (torch.is_tensor(idx) and idx.shape == z.shape[:1] and not idx.is_floating_point() and idx.dtype != torch.bool):
+    if not (
+        torch.is_tensor(bank)
+        and bank.dim() == 2
+        and bank.is_floating_point()
+        and bank.shape[1] == z.shape[1]
+    ):
+        raise ValueError(
+            f"bank must be a floating-point tensor [N, d] (e.g. MemoryBank.vectors) and z [B, d] "
+            f"and bank must share d, got z {describe(z)}, bank {describe(bank)}"
+        )
+    if not (
+        torch.is_tensor(idx)
+        and idx.shape == z.shape[:1]
+        and not idx.is_floating_point()
+        and idx.dtype != torch.bool
+    ):
         raise ValueError(f"idx must be a 1-D integer tensor [B] = [{len(z)}], got {describe(idx)}")
     if isinstance(tau, bool) or not 0 < tau < math.inf:
         raise ValueError(f"tau (the temperature of Eq. 6) must be a finite number > 0, got {tau!r}")
-    if z.device.type == "cpu":  # checks that read values: CPU only (on a GPU the host would wait for them)
+    if (
+        z.device.type == "cpu"
+    ):  # checks that read values: CPU only (on a GPU the host would wait for them)
         norms = z.detach().norm(dim=1)
-        if not ((norms - 1).abs() <= 1e-2).all():  # within 1e-2 of 1: unit rows rounded to bf16 pass
-            raise ValueError(f"z must be L2-normalized (F.normalize(z, dim=1)), got norms {norms.min():.4g}..{norms.max():.4g}")
+        if not (
+            (norms - 1).abs() <= 1e-2
+        ).all():  # within 1e-2 of 1: unit rows rounded to bf16 pass
+            raise ValueError(
+                f"z must be L2-normalized (F.normalize(z, dim=1)), got norms {norms.min():.4g}..{norms.max():.4g}"
+            )
         if len(bank) == 0 or idx.min() < 0 or idx.max() >= len(bank):
-            raise IndexError(f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}")
+            raise IndexError(
+                f"idx must lie in [0, N) = [0, {len(bank)}), got {idx.min()} .. {idx.max()}"
+            )
     dtype = torch.float64 if torch.float64 in (z.dtype, bank.dtype) else torch.float32
-    return z.to(dtype), bank.detach().to(dtype), idx.to(bank.device, torch.long, non_blocking=bank.is_cuda)
+    return (
+        z.to(dtype),
+        bank.detach().to(dtype),
+        idx.to(bank.device, torch.long, non_blocking=bank.is_cuda),
+    )
 
 
 # ----------------------------------------------------------------------
@@ -134,12 +184,22 @@ def sample_negatives(idx, num_items, num_negatives, generator=None):
     device if no generator).
     """
     if isinstance(num_items, bool) or num_items != int(num_items) or num_items < 2:
-        raise ValueError(f"num_items (N) must be an integer >= 2 to have a negative, got {num_items!r}")
-    if isinstance(num_negatives, bool) or num_negatives != int(num_negatives) or not 1 <= num_negatives < 2**31:
-        raise ValueError(f"num_negatives must be an integer in [1, {2**31 - 1}], got {num_negatives!r}")
+        raise ValueError(
+            f"num_items (N) must be an integer >= 2 to have a negative, got {num_items!r}"
+        )
+    if (
+        isinstance(num_negatives, bool)
+        or num_negatives != int(num_negatives)
+        or not 1 <= num_negatives < 2**31
+    ):
+        raise ValueError(
+            f"num_negatives must be an integer in [1, {2**31 - 1}], got {num_negatives!r}"
+        )
     device = generator.device if generator is not None else idx.device
     idx = idx.to(device, torch.long)
-    draw = torch.randint(0, int(num_items) - 1, (len(idx), int(num_negatives)), generator=generator, device=device)
+    draw = torch.randint(
+        0, int(num_items) - 1, (len(idx), int(num_negatives)), generator=generator, device=device
+    )
     return draw + (draw >= idx[:, None])  # shift past the positive: uniform over the other N - 1
 
 
@@ -171,11 +231,17 @@ def ir_nce_loss(z, bank, idx, tau=0.07, num_negatives=4096, generator=None):
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
     if len(bank) < 2:
-        raise ValueError(f"ir_nce_loss needs a bank with N >= 2 entries to draw negatives from, got N = {len(bank)}")
-    negatives = sample_negatives(idx, len(bank), num_negatives, generator).to(bank.device)  # [B, K-1]
+        raise ValueError(
+            f"ir_nce_loss needs a bank with N >= 2 entries to draw negatives from, got N = {len(bank)}"
+        )
+    negatives = sample_negatives(idx, len(bank), num_negatives, generator).to(
+        bank.device
+    )  # [B, K-1]
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         logits = (z / tau) @ bank.T  # [B, N]: z^T M[j] / tau
-        scores = logits.gather(1, torch.cat([idx[:, None], negatives], dim=1))  # [B, K], the positive in column 0
+        scores = logits.gather(
+            1, torch.cat([idx[:, None], negatives], dim=1)
+        )  # [B, K], the positive in column 0
         return F.cross_entropy(scores, torch.zeros_like(idx))  # = infonce.infonce_loss(scores)
 
 
@@ -201,7 +267,12 @@ class BackgroundLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits, grad_neighbours):
         bank, neighbours = ctx.saved_tensors
-        return F.embedding_bag(neighbours, bank, per_sample_weights=grad_logits, mode="sum"), None, None, None
+        return (
+            F.embedding_bag(neighbours, bank, per_sample_weights=grad_logits, mode="sum"),
+            None,
+            None,
+            None,
+        )
 
 
 def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", include_positive=True):
@@ -234,24 +305,49 @@ def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", incl
     To copy: ball_loss, _check_inputs, BackgroundLogits
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
-    if isinstance(k_background, bool) or k_background != int(k_background) or not 1 <= k_background <= len(bank):
-        raise ValueError(f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}")
+    if (
+        isinstance(k_background, bool)
+        or k_background != int(k_background)
+        or not 1 <= k_background <= len(bank)
+    ):
+        raise ValueError(
+            f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}"
+        )
     if neighbours_of not in ("z", "bank"):
-        raise ValueError(f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}')
+        raise ValueError(
+            f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}'
+        )
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         q = z / tau
         anchor = None if neighbours_of == "z" else bank[idx]
-        background, neighbours = BackgroundLogits.apply(q, bank, int(k_background), anchor)  # [B, k]: z^T M[k] / tau
+        background, neighbours = BackgroundLogits.apply(
+            q, bank, int(k_background), anchor
+        )  # [B, k]: z^T M[k] / tau
         positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
-        log_background = torch.logsumexp(background, dim=1)  # log sum_{k in B_i} exp(z^T M[k] / tau)
-        if include_positive:  # count i once: add its term where B_i misses it (logaddexp(a, -inf) = a)
+        log_background = torch.logsumexp(
+            background, dim=1
+        )  # log sum_{k in B_i} exp(z^T M[k] / tau)
+        if (
+            include_positive
+        ):  # count i once: add its term where B_i misses it (logaddexp(a, -inf) = a)
             log_background = torch.logaddexp(
-                log_background, positive.masked_fill((neighbours == idx[:, None]).any(dim=1), -math.inf))
+                log_background,
+                positive.masked_fill((neighbours == idx[:, None]).any(dim=1), -math.inf),
+            )
         return (log_background - positive).mean()
 
 
-def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=None, neighbours_of="z",
-             include_positive=True):
+def ann_loss(
+    z,
+    bank,
+    idx,
+    tau=0.07,
+    k_background=4096,
+    k_close=None,
+    close_set=None,
+    neighbours_of="z",
+    include_positive=True,
+):
     """Annulus Discrimination, Definition 5.3: loss = -log p(i | x, M) / p(B_i \\ C_i | x, M).  Returns a scalar.
 
     z [B, d] (unit rows), bank [N, d], idx [B]; B_i as in `ball_loss`.
@@ -275,43 +371,86 @@ def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=
     To copy: ann_loss, _check_inputs, BackgroundLogits
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
-    if isinstance(k_background, bool) or k_background != int(k_background) or not 1 <= k_background <= len(bank):
-        raise ValueError(f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}")
+    if (
+        isinstance(k_background, bool)
+        or k_background != int(k_background)
+        or not 1 <= k_background <= len(bank)
+    ):
+        raise ValueError(
+            f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}"
+        )
     if neighbours_of not in ("z", "bank"):
-        raise ValueError(f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}')
+        raise ValueError(
+            f'neighbours_of must be "z" (LA code) or "bank" (the paper\'s M[i]), got {neighbours_of!r}'
+        )
     if close_set is not None and k_close is not None:
-        raise ValueError("give either k_close (the nearest entries of B_i) or close_set (explicit C_i), not both")
+        raise ValueError(
+            "give either k_close (the nearest entries of B_i) or close_set (explicit C_i), not both"
+        )
     if close_set is None:
         k_close = k_background // 10 if k_close is None else k_close
         if isinstance(k_close, bool) or k_close != int(k_close) or not 0 <= k_close < k_background:
-            raise ValueError(f"k_close must be an integer in [0, {k_background - 1}], got {k_close!r}")
-    elif not (torch.is_tensor(close_set) and close_set.dim() == 2 and close_set.shape[0] == len(z)
-              and not close_set.is_floating_point() and close_set.dtype != torch.bool):
-        raise ValueError(f"close_set must be an integer tensor [B, c] = [{len(z)}, c] (pad with -1), got "
-                         f"{tuple(close_set.shape) if torch.is_tensor(close_set) else type(close_set).__name__}")
-    elif close_set.device.type == "cpu" and close_set.numel() and (close_set.min() < -1 or close_set.max() >= len(bank)):
-        raise IndexError(f"close_set entries must lie in [0, N) = [0, {len(bank)}) or be -1 (padding)")
+            raise ValueError(
+                f"k_close must be an integer in [0, {k_background - 1}], got {k_close!r}"
+            )
+    elif not (
+        torch.is_tensor(close_set)
+        and close_set.dim() == 2
+        and close_set.shape[0] == len(z)
+        and not close_set.is_floating_point()
+        and close_set.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"close_set must be an integer tensor [B, c] = [{len(z)}, c] (pad with -1), got "
+            f"{tuple(close_set.shape) if torch.is_tensor(close_set) else type(close_set).__name__}"
+        )
+    elif (
+        close_set.device.type == "cpu"
+        and close_set.numel()
+        and (close_set.min() < -1 or close_set.max() >= len(bank))
+    ):
+        raise IndexError(
+            f"close_set entries must lie in [0, N) = [0, {len(bank)}) or be -1 (padding)"
+        )
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         q = z / tau
         anchor = None if neighbours_of == "z" else bank[idx]
-        background, neighbours = BackgroundLogits.apply(q, bank, int(k_background), anchor)  # [B, k]: z^T M[k] / tau
+        background, neighbours = BackgroundLogits.apply(
+            q, bank, int(k_background), anchor
+        )  # [B, k]: z^T M[k] / tau
         positive = (q * bank[idx]).sum(dim=1)  # [B]: z^T M[i] / tau
         with torch.no_grad():
-            if close_set is None:  # C_i: the k_close members of B_i nearest to B_i's anchor (a top-k of [B, k])
-                closeness = background if anchor is None else (anchor @ bank.T).gather(1, neighbours)
+            if (
+                close_set is None
+            ):  # C_i: the k_close members of B_i nearest to B_i's anchor (a top-k of [B, k])
+                closeness = (
+                    background if anchor is None else (anchor @ bank.T).gather(1, neighbours)
+                )
                 close = torch.zeros_like(neighbours, dtype=torch.bool)
                 close.scatter_(1, closeness.topk(int(k_close), dim=1, sorted=False).indices, True)
             else:  # C_i given: look each member of B_i up in the row's sorted close set (-1 pads never match)
-                members = F.pad(close_set.to(neighbours.device, torch.long, non_blocking=neighbours.is_cuda), (0, 1), value=-1)
+                members = F.pad(
+                    close_set.to(neighbours.device, torch.long, non_blocking=neighbours.is_cuda),
+                    (0, 1),
+                    value=-1,
+                )
                 members = members.sort(dim=1).values
-                close = members.gather(1, torch.searchsorted(members, neighbours).clamp_max(members.shape[1] - 1))
+                close = members.gather(
+                    1, torch.searchsorted(members, neighbours).clamp_max(members.shape[1] - 1)
+                )
                 close = close == neighbours
-            if include_positive:  # take i out of the annulus wherever it is; its term is added once below
+            if (
+                include_positive
+            ):  # take i out of the annulus wherever it is; its term is added once below
                 close |= neighbours == idx[:, None]
             elif z.device.type == "cpu" and close.all(dim=1).any():
-                raise ValueError("B_i \\ C_i is empty for some row (close_set covers all of B_i); "
-                                 "use include_positive=True or a smaller close set")
-        log_annulus = torch.logsumexp(background.masked_fill(close, -math.inf), dim=1)  # log p(B_i \ C_i) + log Z
+                raise ValueError(
+                    "B_i \\ C_i is empty for some row (close_set covers all of B_i); "
+                    "use include_positive=True or a smaller close set"
+                )
+        log_annulus = torch.logsumexp(
+            background.masked_fill(close, -math.inf), dim=1
+        )  # log p(B_i \ C_i) + log Z
         if include_positive:
             log_annulus = torch.logaddexp(log_annulus, positive)
         return (log_annulus - positive).mean()
@@ -322,9 +461,13 @@ def ann_loss(z, bank, idx, tau=0.07, k_background=4096, k_close=None, close_set=
 # ----------------------------------------------------------------------
 def make_synthetic_bank(num_items, dim, num_clusters, spread, generator):
     """A clustered unit-norm bank [N, d] (so neighbourhoods mean something) and each row's cluster [N]."""
-    centres = torch.nn.functional.normalize(torch.randn(num_clusters, dim, generator=generator), dim=1)
+    centres = torch.nn.functional.normalize(
+        torch.randn(num_clusters, dim, generator=generator), dim=1
+    )
     labels = torch.randint(0, num_clusters, (num_items,), generator=generator)
-    bank = centres[labels] + spread * torch.randn(num_items, dim, generator=generator) / math.sqrt(dim)
+    bank = centres[labels] + spread * torch.randn(num_items, dim, generator=generator) / math.sqrt(
+        dim
+    )
     return torch.nn.functional.normalize(bank, dim=1), labels
 
 
@@ -334,21 +477,51 @@ def main(argv=None):
         "(Theorem 5.1), Ball (Def. 5.2) and Annulus (Def. 5.3) Discrimination, with numerical checks of "
         "Theorem 5.1 and of the cancellation in Corollary 5.3.1."
     )
-    parser.add_argument("--num-items", type=int, default=20000, help="N, the size of the training set / memory bank")
-    parser.add_argument("--dim", type=int, default=128, help="d, the embedding size (Appendix D: 128)")
-    parser.add_argument("--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)")
-    parser.add_argument("--tau", type=float, default=0.07, help="temperature tau of Eq. 6 (Appendix D: 0.07)")
-    parser.add_argument("--k-background", type=int, default=4096,
-                        help="|B_i|, the background neighbours of Def. 5.2/5.3 (Appendix D: 4096)")
-    parser.add_argument("--k-close", type=int, default=None,
-                        help="|C_i| for ANN, the nearest part of B_i left out (default: k_background // 10)")
-    parser.add_argument("--num-negatives", type=int, default=4096,
-                        help="uniform negatives for IR-NCE, i.e. InfoNCE with K = num_negatives + 1")
-    parser.add_argument("--neighbours-of", choices=["z", "bank"], default="z",
-                        help='anchor of B_i: "z" = the current embedding (LA code), "bank" = M[i] (paper text)')
-    parser.add_argument("--view-noise", type=float, default=1.0,
-                        help="how far the current view z lies from its stored entry M[i] (noise scale)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic bank and views")
+    parser.add_argument(
+        "--num-items", type=int, default=20000, help="N, the size of the training set / memory bank"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=128, help="d, the embedding size (Appendix D: 128)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)"
+    )
+    parser.add_argument(
+        "--tau", type=float, default=0.07, help="temperature tau of Eq. 6 (Appendix D: 0.07)"
+    )
+    parser.add_argument(
+        "--k-background",
+        type=int,
+        default=4096,
+        help="|B_i|, the background neighbours of Def. 5.2/5.3 (Appendix D: 4096)",
+    )
+    parser.add_argument(
+        "--k-close",
+        type=int,
+        default=None,
+        help="|C_i| for ANN, the nearest part of B_i left out (default: k_background // 10)",
+    )
+    parser.add_argument(
+        "--num-negatives",
+        type=int,
+        default=4096,
+        help="uniform negatives for IR-NCE, i.e. InfoNCE with K = num_negatives + 1",
+    )
+    parser.add_argument(
+        "--neighbours-of",
+        choices=["z", "bank"],
+        default="z",
+        help='anchor of B_i: "z" = the current embedding (LA code), "bank" = M[i] (paper text)',
+    )
+    parser.add_argument(
+        "--view-noise",
+        type=float,
+        default=1.0,
+        help="how far the current view z lies from its stored entry M[i] (noise scale)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of the synthetic bank and views"
+    )
     args = parser.parse_args(argv)
     if args.num_items < 2 or args.dim < 1 or not (1 <= args.batch_size <= args.num_items):
         parser.error("need --num-items >= 2, --dim >= 1 and 1 <= --batch-size <= --num-items")
@@ -362,38 +535,71 @@ def main(argv=None):
         parser.error("--num-negatives must be >= 1")
 
     generator = torch.Generator().manual_seed(args.seed)
-    bank, _ = make_synthetic_bank(args.num_items, args.dim, num_clusters=max(1, args.num_items // 100),
-                                  spread=1.0, generator=generator)
+    bank, _ = make_synthetic_bank(
+        args.num_items,
+        args.dim,
+        num_clusters=max(1, args.num_items // 100),
+        spread=1.0,
+        generator=generator,
+    )
     idx = torch.randperm(args.num_items, generator=generator)[: args.batch_size]
-    noise = args.view_noise * torch.randn(args.batch_size, args.dim, generator=generator) / math.sqrt(args.dim)
-    z = torch.nn.functional.normalize(bank[idx] + noise, dim=1)  # a "view" of image i near its entry M[i]
-    print(f"synthetic bank N={args.num_items}, d={args.dim}, B={args.batch_size}, tau={args.tau}, "
-          f"|B_i|={args.k_background}, B_i around {args.neighbours_of!r}\n")
+    noise = (
+        args.view_noise
+        * torch.randn(args.batch_size, args.dim, generator=generator)
+        / math.sqrt(args.dim)
+    )
+    z = torch.nn.functional.normalize(
+        bank[idx] + noise, dim=1
+    )  # a "view" of image i near its entry M[i]
+    print(
+        f"synthetic bank N={args.num_items}, d={args.dim}, B={args.batch_size}, tau={args.tau}, "
+        f"|B_i|={args.k_background}, B_i around {args.neighbours_of!r}\n"
+    )
 
     k_close = args.k_close if args.k_close is not None else args.k_background // 10
     other = "bank" if args.neighbours_of == "z" else "z"
     ir_loss(z, bank, idx, args.tau)  # warm-up, so the first timing is not the allocator's
     rows = [
         ("IR (Eq. 6)", lambda: ir_loss(z, bank, idx, args.tau), args.num_items),
-        (f"IR-NCE, K={args.num_negatives + 1}",
-         lambda: ir_nce_loss(z, bank, idx, args.tau, args.num_negatives, torch.Generator().manual_seed(1)),
-         args.num_negatives + 1),
-        ("BALL (Def. 5.2)", lambda: ball_loss(z, bank, idx, args.tau, args.k_background, args.neighbours_of),
-         args.k_background),
-        (f"BALL, B_i around {other!r}", lambda: ball_loss(z, bank, idx, args.tau, args.k_background, other),
-         args.k_background),
-        (f"ANN (Def. 5.3), |C_i|={k_close}",
-         lambda: ann_loss(z, bank, idx, args.tau, args.k_background, k_close, neighbours_of=args.neighbours_of),
-         args.k_background - k_close),
+        (
+            f"IR-NCE, K={args.num_negatives + 1}",
+            lambda: ir_nce_loss(
+                z, bank, idx, args.tau, args.num_negatives, torch.Generator().manual_seed(1)
+            ),
+            args.num_negatives + 1,
+        ),
+        (
+            "BALL (Def. 5.2)",
+            lambda: ball_loss(z, bank, idx, args.tau, args.k_background, args.neighbours_of),
+            args.k_background,
+        ),
+        (
+            f"BALL, B_i around {other!r}",
+            lambda: ball_loss(z, bank, idx, args.tau, args.k_background, other),
+            args.k_background,
+        ),
+        (
+            f"ANN (Def. 5.3), |C_i|={k_close}",
+            lambda: ann_loss(
+                z, bank, idx, args.tau, args.k_background, k_close, neighbours_of=args.neighbours_of
+            ),
+            args.k_background - k_close,
+        ),
     ]
-    print(f"{'loss':<28} | {'value':>8} | {'K (denominator size)':>20} | {'log K - loss':>12} | {'forward ms':>10}")
+    print(
+        f"{'loss':<28} | {'value':>8} | {'K (denominator size)':>20} | {'log K - loss':>12} | {'forward ms':>10}"
+    )
     for name, fn, size in rows:
         start = time.perf_counter()
         value = float(fn())
         ms = 1000 * (time.perf_counter() - start)
-        print(f"{name:<28} | {value:8.4f} | {size:>20} | {math.log(size) - value:12.4f} | {ms:10.1f}")
-    print("(log K - loss is the InfoNCE / VINCE estimate of Eq. 2 / Eq. 4, at most log K; "
-          "for BALL/ANN K counts the positive once more if B_i misses it)")
+        print(
+            f"{name:<28} | {value:8.4f} | {size:>20} | {math.log(size) - value:12.4f} | {ms:10.1f}"
+        )
+    print(
+        "(log K - loss is the InfoNCE / VINCE estimate of Eq. 2 / Eq. 4, at most log K; "
+        "for BALL/ANN K counts the positive once more if B_i misses it)"
+    )
 
     # Theorem 5.1: IR = InfoNCE over all N entries, up to the constant log N.
     import infonce  # only for the check; the losses need nothing but torch
@@ -402,11 +608,15 @@ def main(argv=None):
         s = z @ bank.T / args.tau
         positive = s.gather(1, idx[:, None])
         others = s.masked_fill(torch.nn.functional.one_hot(idx, args.num_items).bool(), -math.inf)
-        others = others.sort(dim=1).values[:, 1:]  # drop the masked positive: N - 1 negatives per row
+        others = others.sort(dim=1).values[
+            :, 1:
+        ]  # drop the masked positive: N - 1 negatives per row
         nce = float(infonce.infonce_bound(torch.cat([positive, others], dim=1)))
     ir = float(ir_loss(z, bank, idx, args.tau))
-    print(f"\nTheorem 5.1: infonce.infonce_bound over all N = {nce:.6f};  log N - ir_loss = "
-          f"{math.log(args.num_items) - ir:.6f};  difference {abs(nce - (math.log(args.num_items) - ir)):.1e}")
+    print(
+        f"\nTheorem 5.1: infonce.infonce_bound over all N = {nce:.6f};  log N - ir_loss = "
+        f"{math.log(args.num_items) - ir:.6f};  difference {abs(nce - (math.log(args.num_items) - ir)):.1e}"
+    )
 
     # Corollary 5.3.1: log p(i)/p(B_i) from the full-softmax probabilities equals the direct form over B_i.
     with torch.no_grad():
@@ -415,20 +625,34 @@ def main(argv=None):
         if args.neighbours_of == "z":
             neighbours = torch.topk(s64, args.k_background, dim=1).indices
         else:
-            neighbours = torch.topk(bank.double()[idx] @ bank.double().T, args.k_background, dim=1).indices
+            neighbours = torch.topk(
+                bank.double()[idx] @ bank.double().T, args.k_background, dim=1
+            ).indices
         in_ball = torch.zeros_like(s64, dtype=torch.bool).scatter_(1, neighbours, True)
-        in_ball[torch.arange(args.batch_size), idx] = True  # D_i = B_i with the positive counted once
-        via_probabilities = (log_p.gather(1, idx[:, None])[:, 0]
-                             - torch.log(log_p.exp().masked_fill(~in_ball, 0.0).sum(dim=1))).mean()
-    direct = -float(ball_loss(z.double(), bank.double(), idx, args.tau, args.k_background, args.neighbours_of))
-    print(f"Corollary 5.3.1: mean log p(i)/p(B_i) from full-softmax probabilities = {float(via_probabilities):.6f}; "
-          f"direct form over B_i = {direct:.6f} (the 1/sum over N cancels)")
+        in_ball[torch.arange(args.batch_size), idx] = (
+            True  # D_i = B_i with the positive counted once
+        )
+        via_probabilities = (
+            log_p.gather(1, idx[:, None])[:, 0]
+            - torch.log(log_p.exp().masked_fill(~in_ball, 0.0).sum(dim=1))
+        ).mean()
+    direct = -float(
+        ball_loss(z.double(), bank.double(), idx, args.tau, args.k_background, args.neighbours_of)
+    )
+    print(
+        f"Corollary 5.3.1: mean log p(i)/p(B_i) from full-softmax probabilities = {float(via_probabilities):.6f}; "
+        f"direct form over B_i = {direct:.6f} (the 1/sum over N cancels)"
+    )
 
     # The fp16 pitfall: exp(dot / tau) overflows half precision, log space does not.
     naive = torch.exp((z.half() @ bank.half().T) / args.tau)
-    half = float(ir_loss(torch.nn.functional.normalize(z.half(), dim=1), bank.half(), idx, args.tau))
-    print(f"fp16: naive exp(z.M/tau) has {int(torch.isinf(naive).sum())} inf entries of {naive.numel()}; "
-          f"ir_loss on fp16 inputs = {half:.4f} (fp32: {ir:.4f})")
+    half = float(
+        ir_loss(torch.nn.functional.normalize(z.half(), dim=1), bank.half(), idx, args.tau)
+    )
+    print(
+        f"fp16: naive exp(z.M/tau) has {int(torch.isinf(naive).sum())} inf entries of {naive.numel()}; "
+        f"ir_loss on fp16 inputs = {half:.4f} (fp32: {ir:.4f})"
+    )
 
 
 if __name__ == "__main__":

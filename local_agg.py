@@ -57,8 +57,14 @@ import torch.nn.functional as F
 
 # faiss is imported inside the functions that cluster (run_kmeans and its GPU helpers), so
 # `from local_agg import la_loss` works where faiss is not installed.
-from instance_disc import BackgroundLogits, _check_inputs, ann_loss, ball_loss, ir_loss, make_synthetic_bank
-
+from instance_disc import (
+    BackgroundLogits,
+    _check_inputs,
+    ann_loss,
+    ball_loss,
+    ir_loss,
+    make_synthetic_bank,
+)
 
 # ---------------------------------------------------------------------------
 # Appendix D: H k-means clusterings of the memory bank, with faiss.
@@ -112,10 +118,12 @@ _WARNED_KMEANS_ON_CPU = False
 def kmeans_on_cpu_message(num_points, num_clusters, num_clusterings, niter=20, dim=128):
     """The one-line warning for k-means that runs on the CPU beside a GPU bank."""
     flops = 2.0 * num_points * num_clusters * dim * niter * num_clusterings
-    return (f"k-means on the CPU: the bank is on the GPU but this faiss build has no GPU support, so "
-            f"{num_clusterings} clustering(s) of N={num_points:,} rows into {num_clusters:,} clusters "
-            f"({flops:.2g} flops) will run on the CPU each time; install a GPU build of faiss in place of "
-            f"faiss-cpu (README, 'On a GPU': pip uninstall -y faiss-cpu && pip install faiss-gpu)")
+    return (
+        f"k-means on the CPU: the bank is on the GPU but this faiss build has no GPU support, so "
+        f"{num_clusterings} clustering(s) of N={num_points:,} rows into {num_clusters:,} clusters "
+        f"({flops:.2g} flops) will run on the CPU each time; install a GPU build of faiss in place of "
+        f"faiss-cpu (README, 'On a GPU': pip uninstall -y faiss-cpu && pip install faiss-gpu)"
+    )
 
 
 def warn_if_kmeans_on_cpu(device, num_points, num_clusters, num_clusterings, niter=20, dim=128):
@@ -125,14 +133,26 @@ def warn_if_kmeans_on_cpu(device, num_points, num_clusters, num_clusterings, nit
     if torch.device(device).type == "cpu" or faiss_has_gpu() or _WARNED_KMEANS_ON_CPU:
         return False
     _WARNED_KMEANS_ON_CPU = True
-    warnings.warn(kmeans_on_cpu_message(num_points, num_clusters, num_clusterings, niter, dim),
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        kmeans_on_cpu_message(num_points, num_clusters, num_clusterings, niter, dim),
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return True
 
 
-def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
-               max_points_per_centroid=None, verbose=True,
-               return_objectives=False, clusterings=None, threads=None):
+def run_kmeans(
+    bank,
+    num_clusters,
+    num_clusterings=10,
+    seed=0,
+    niter=20,
+    max_points_per_centroid=None,
+    verbose=True,
+    return_objectives=False,
+    clusterings=None,
+    threads=None,
+):
     """H = num_clusterings k-means clusterings of the bank rows (Appendix D).
 
     bank: [N, d] tensor (any device/float dtype; e.g. MemoryBank.vectors).
@@ -175,8 +195,10 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         Python starts, 1.4 s with faiss.omp_set_num_threads(1).
     """
     if not torch.is_tensor(bank) or bank.dim() != 2 or not bank.is_floating_point():
-        raise ValueError(f"bank must be a 2-D float tensor [N, d], got "
-                         f"{tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__}")
+        raise ValueError(
+            f"bank must be a 2-D float tensor [N, d], got "
+            f"{tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__}"
+        )
     n, d = bank.shape
     if int(num_clusters) != num_clusters or not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be an integer in [1, N={n}], got {num_clusters}")
@@ -190,16 +212,20 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
     if int(niter) != niter or niter < 1:
         raise ValueError(f"niter must be an integer >= 1, got {niter}")
     if max_points_per_centroid is None:
-        max_points_per_centroid = -(-n // num_clusters)          # ceil(N / K): no subsampling
+        max_points_per_centroid = -(-n // num_clusters)  # ceil(N / K): no subsampling
     elif int(max_points_per_centroid) != max_points_per_centroid or max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be None or an integer >= 1, "
-                         f"got {max_points_per_centroid}")
+        raise ValueError(
+            f"max_points_per_centroid must be None or an integer >= 1, "
+            f"got {max_points_per_centroid}"
+        )
 
     try:
         import faiss
     except ImportError:
-        raise ImportError("run_kmeans needs faiss: pip install faiss-cpu (or a GPU build of faiss, see the "
-                          "README); la_loss itself does not") from None
+        raise ImportError(
+            "run_kmeans needs faiss: pip install faiss-cpu (or a GPU build of faiss, see the "
+            "README); la_loss itself does not"
+        ) from None
     warn_if_kmeans_on_cpu(bank.device, n, int(num_clusters), int(num_clusterings), int(niter), d)
     # faiss wants a C-contiguous float32 numpy array on the CPU (one N x d copy).
     x = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
@@ -213,13 +239,18 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
     if threads is not None:
         faiss.omp_set_num_threads(int(threads))
     for row, h in enumerate(which):
-        kmeans = faiss.Kmeans(d, int(num_clusters), niter=int(niter), seed=int(seed) + h,
-                              max_points_per_centroid=int(max_points_per_centroid),
-                              verbose=False)
+        kmeans = faiss.Kmeans(
+            d,
+            int(num_clusters),
+            niter=int(niter),
+            seed=int(seed) + h,
+            max_points_per_centroid=int(max_points_per_centroid),
+            verbose=False,
+        )
         if use_gpu:
             config = faiss.GpuIndexFlatConfig()
             config.device = gpu_device
-            config.useFloat16 = False          # exact distances, as the LA code
+            config.useFloat16 = False  # exact distances, as the LA code
             kmeans.index = faiss.GpuIndexFlatL2(faiss_gpu_resources(gpu_device), d, config)
         kmeans.train(x)
         # faiss >= 1.7 keeps the per-iteration objective as the numpy array
@@ -229,15 +260,18 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
         # it) read is gone: in faiss 1.15 Clustering has only iteration_stats.
         objective = float(kmeans.obj[-1])
         objectives.append(objective)
-        _, assignment = kmeans.assign(x)       # nearest final centroid of every row
+        _, assignment = kmeans.assign(x)  # nearest final centroid of every row
         labels[row] = torch.from_numpy(assignment.astype(np.int64))
         if verbose:
             elapsed = time.perf_counter() - start
             left = elapsed / (row + 1) * (len(which) - row - 1)
-            print(f"k-means {row + 1}/{len(which)} (h = {h}): N={n} K={num_clusters} seed={int(seed) + h} "
-                  f"objective {kmeans.obj[0]:.4g} -> {objective:.4g} in {len(kmeans.obj)} iterations, "
-                  f"{elapsed / (row + 1):.2f} s/clustering, ~{left:.1f} s left "
-                  f"({'GPU' if use_gpu else 'CPU'} faiss, {faiss.omp_get_max_threads()} threads)", flush=True)
+            print(
+                f"k-means {row + 1}/{len(which)} (h = {h}): N={n} K={num_clusters} seed={int(seed) + h} "
+                f"objective {kmeans.obj[0]:.4g} -> {objective:.4g} in {len(kmeans.obj)} iterations, "
+                f"{elapsed / (row + 1):.2f} s/clustering, ~{left:.1f} s left "
+                f"({'GPU' if use_gpu else 'CPU'} faiss, {faiss.omp_get_max_threads()} threads)",
+                flush=True,
+            )
     faiss.omp_set_num_threads(threads_before)
     if return_objectives:
         return labels, objectives
@@ -247,8 +281,17 @@ def run_kmeans(bank, num_clusters, num_clusterings=10, seed=0, niter=20,
 # ---------------------------------------------------------------------------
 # Eq. 8: the Local Aggregation loss.
 # ---------------------------------------------------------------------------
-def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
-            neighbours_of="z", include_positive=True, reduction="mean"):
+def la_loss(
+    z,
+    bank,
+    idx,
+    cluster_labels,
+    tau=0.07,
+    k_background=4096,
+    neighbours_of="z",
+    include_positive=True,
+    reduction="mean",
+):
     """Local Aggregation loss, -log p(C_i ∩ B_i | x_i, M) / p(B_i | x_i, M) (Eq. 8).
 
     z               [B, d] L2-normalized embeddings of one view of each image.
@@ -287,39 +330,74 @@ def la_loss(z, bank, idx, cluster_labels, tau=0.07, k_background=4096,
     To copy: la_loss, _check_inputs, BackgroundLogits
     """
     z, bank, idx = _check_inputs(z, bank, idx, tau)
-    if isinstance(k_background, bool) or k_background != int(k_background) or not 1 <= k_background <= len(bank):
-        raise ValueError(f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}")
+    if (
+        isinstance(k_background, bool)
+        or k_background != int(k_background)
+        or not 1 <= k_background <= len(bank)
+    ):
+        raise ValueError(
+            f"k_background must be an integer in [1, {len(bank)}], got {k_background!r}"
+        )
     if neighbours_of not in ("z", "bank"):
-        raise ValueError(f"neighbours_of must be 'z' (LA code) or 'bank' (paper), got {neighbours_of!r}")
-    if not (torch.is_tensor(cluster_labels) and cluster_labels.dim() == 2 and len(cluster_labels) >= 1
-            and cluster_labels.shape[1] == len(bank) and not cluster_labels.is_floating_point()
-            and cluster_labels.dtype != torch.bool):
-        raise ValueError(f"cluster_labels must be an integer tensor [H, N] with H >= 1 and N={len(bank)} (run_kmeans "
-                         f"output), got {getattr(cluster_labels, 'shape', type(cluster_labels).__name__)}")
+        raise ValueError(
+            f"neighbours_of must be 'z' (LA code) or 'bank' (paper), got {neighbours_of!r}"
+        )
+    if not (
+        torch.is_tensor(cluster_labels)
+        and cluster_labels.dim() == 2
+        and len(cluster_labels) >= 1
+        and cluster_labels.shape[1] == len(bank)
+        and not cluster_labels.is_floating_point()
+        and cluster_labels.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"cluster_labels must be an integer tensor [H, N] with H >= 1 and N={len(bank)} (run_kmeans "
+            f"output), got {getattr(cluster_labels, 'shape', type(cluster_labels).__name__)}"
+        )
     if cluster_labels.device != bank.device:
-        raise ValueError(f"cluster_labels must be on the bank's device {bank.device}, got {cluster_labels.device}: "
-                         f"move them once per clustering, e.g. labels.to(bank.device)")
+        raise ValueError(
+            f"cluster_labels must be on the bank's device {bank.device}, got {cluster_labels.device}: "
+            f"move them once per clustering, e.g. labels.to(bank.device)"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         q = z / tau
         anchor = None if neighbours_of == "z" else bank[idx]
-        background, neighbours = BackgroundLogits.apply(q, bank, int(k_background), anchor)  # B_i, z^T M[k] / tau
-        with torch.no_grad():  # C_i ∩ B_i: members of B_i in one of i's clusters, in any of the H clusterings
+        background, neighbours = BackgroundLogits.apply(
+            q, bank, int(k_background), anchor
+        )  # B_i, z^T M[k] / tau
+        with (
+            torch.no_grad()
+        ):  # C_i ∩ B_i: members of B_i in one of i's clusters, in any of the H clusterings
             close = torch.zeros_like(neighbours, dtype=torch.bool)
-            for labels in cluster_labels:  # [N]: one clustering's cluster ids; gather: each row's B_i members' ids
-                close |= labels.expand(len(idx), -1).gather(1, neighbours) == labels[idx].unsqueeze(1)
+            for labels in (
+                cluster_labels
+            ):  # [N]: one clustering's cluster ids; gather: each row's B_i members' ids
+                close |= labels.expand(len(idx), -1).gather(1, neighbours) == labels[idx].unsqueeze(
+                    1
+                )
         # Eq. 8 in log space.  Eq. 6's partition sum over all N (or the LA code's fixed Z)
         # divides numerator and denominator alike and cancels, so it is never computed.
-        log_background = torch.logsumexp(background, dim=1)                        # log p(B_i) + log Z
-        log_close = torch.logsumexp(background.masked_fill(~close, -math.inf), dim=1)  # log p(C_i ∩ B_i) + log Z
-        if include_positive:  # where B_i misses i, add i's term to both (it is in C_i); logaddexp(a, -inf) = a
-            positive = (q * bank[idx]).sum(dim=1).masked_fill((neighbours == idx[:, None]).any(dim=1), -math.inf)
+        log_background = torch.logsumexp(background, dim=1)  # log p(B_i) + log Z
+        log_close = torch.logsumexp(
+            background.masked_fill(~close, -math.inf), dim=1
+        )  # log p(C_i ∩ B_i) + log Z
+        if (
+            include_positive
+        ):  # where B_i misses i, add i's term to both (it is in C_i); logaddexp(a, -inf) = a
+            positive = (
+                (q * bank[idx])
+                .sum(dim=1)
+                .masked_fill((neighbours == idx[:, None]).any(dim=1), -math.inf)
+            )
             log_background = torch.logaddexp(log_background, positive)
             log_close = torch.logaddexp(log_close, positive)
-        per_image = log_background - log_close                                      # -L^LA(x_i), >= 0
+        per_image = log_background - log_close  # -L^LA(x_i), >= 0
         if not include_positive:  # an empty C_i ∩ B_i: the LA code's -log(0 + 1e-7), no gradient
-            per_image = torch.where(close.any(dim=1), per_image, torch.full_like(per_image, -math.log(1e-7)))
+            per_image = torch.where(
+                close.any(dim=1), per_image, torch.full_like(per_image, -math.log(1e-7))
+            )
         return per_image.mean() if reduction == "mean" else per_image
 
 
@@ -330,26 +408,61 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Local Aggregation (Sec. 5.3, Eq. 8, Appendix D) on a synthetic clustered memory bank: "
         "H k-means clusterings give the close sets C_i; IR (Eq. 6), BALL (Def. 5.2), ANN (Def. 5.3) and LA "
-        "(Eq. 8) side by side, with the checks of Theorem 5.4 and Corollary 5.4.1.")
-    parser.add_argument("--num-items", type=int, default=8000, help="N, images = memory bank entries")
+        "(Eq. 8) side by side, with the checks of Theorem 5.4 and Corollary 5.4.1."
+    )
+    parser.add_argument(
+        "--num-items", type=int, default=8000, help="N, images = memory bank entries"
+    )
     parser.add_argument("--dim", type=int, default=32, help="d, embedding size (Appendix D: 128)")
-    parser.add_argument("--num-classes", type=int, default=40,
-                        help="hidden classes the synthetic bank is drawn around (ImageNet: 1000)")
-    parser.add_argument("--spread", type=float, default=1.0, help="spread of each class around its centre")
-    parser.add_argument("--num-clusters", type=int, default=160,
-                        help="k-means clusters per clustering (Appendix D: 30,000 for 1.28M images, "
-                             "more clusters than classes)")
-    parser.add_argument("--num-clusterings", type=int, default=10, help="H, k-means runs with seeds seed+h "
-                        "(Appendix D: 10)")
-    parser.add_argument("--k-background", type=int, default=1024,
-                        help="|B_i|, background neighbours (Appendix D: 4096 of 1.28M)")
-    parser.add_argument("--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)")
-    parser.add_argument("--tau", type=float, default=0.07, help="temperature of Eq. 6 (Appendix D: 0.07)")
-    parser.add_argument("--view-noise", type=float, default=0.5,
-                        help="how far today's view z lies from the stored entry M[i]")
-    parser.add_argument("--neighbours-of", choices=["z", "bank"], default="z",
-                        help='anchor of B_i: "z", the current embedding (LA code), or "bank", M[i] (paper)')
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the first clustering")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=40,
+        help="hidden classes the synthetic bank is drawn around (ImageNet: 1000)",
+    )
+    parser.add_argument(
+        "--spread", type=float, default=1.0, help="spread of each class around its centre"
+    )
+    parser.add_argument(
+        "--num-clusters",
+        type=int,
+        default=160,
+        help="k-means clusters per clustering (Appendix D: 30,000 for 1.28M images, "
+        "more clusters than classes)",
+    )
+    parser.add_argument(
+        "--num-clusterings",
+        type=int,
+        default=10,
+        help="H, k-means runs with seeds seed+h (Appendix D: 10)",
+    )
+    parser.add_argument(
+        "--k-background",
+        type=int,
+        default=1024,
+        help="|B_i|, background neighbours (Appendix D: 4096 of 1.28M)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)"
+    )
+    parser.add_argument(
+        "--tau", type=float, default=0.07, help="temperature of Eq. 6 (Appendix D: 0.07)"
+    )
+    parser.add_argument(
+        "--view-noise",
+        type=float,
+        default=0.5,
+        help="how far today's view z lies from the stored entry M[i]",
+    )
+    parser.add_argument(
+        "--neighbours-of",
+        choices=["z", "bank"],
+        default="z",
+        help='anchor of B_i: "z", the current embedding (LA code), or "bank", M[i] (paper)',
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the data and of the first clustering"
+    )
     args = parser.parse_args(argv)
     if args.num_items < 2 or args.dim < 1 or args.num_classes < 1:
         parser.error("need --num-items >= 2, --dim >= 1, --num-classes >= 1")
@@ -363,21 +476,30 @@ def main(argv=None):
         parser.error("need --num-clusterings >= 1 and --tau > 0")
 
     generator = torch.Generator().manual_seed(args.seed)
-    bank, classes = make_synthetic_bank(args.num_items, args.dim, args.num_classes, args.spread, generator)
+    bank, classes = make_synthetic_bank(
+        args.num_items, args.dim, args.num_classes, args.spread, generator
+    )
     idx = torch.randperm(args.num_items, generator=generator)[: args.batch_size]
-    noise = args.view_noise * torch.randn(args.batch_size, args.dim, generator=generator) / math.sqrt(args.dim)
-    z = F.normalize(bank[idx] + noise, dim=1)          # today's view of image i, near M[i]
+    noise = (
+        args.view_noise
+        * torch.randn(args.batch_size, args.dim, generator=generator)
+        / math.sqrt(args.dim)
+    )
+    z = F.normalize(bank[idx] + noise, dim=1)  # today's view of image i, near M[i]
     n, k, b = args.num_items, args.k_background, args.batch_size
-    print(f"synthetic bank: N={n} unit vectors in d={args.dim} around {args.num_classes} hidden classes; "
-          f"B={b}, tau={args.tau}, |B_i|={k} around {args.neighbours_of!r}\n")
+    print(
+        f"synthetic bank: N={n} unit vectors in d={args.dim} around {args.num_classes} hidden classes; "
+        f"B={b}, tau={args.tau}, |B_i|={k} around {args.neighbours_of!r}\n"
+    )
 
     # -- Appendix D: H clusterings with different seeds.  These are tiny, so
     #    one faiss thread is fastest (see the CPU-threads note in run_kmeans).
     import faiss
 
     faiss.omp_set_num_threads(1)
-    labels, objectives = run_kmeans(bank, args.num_clusters, args.num_clusterings, seed=args.seed,
-                                    return_objectives=True)
+    labels, objectives = run_kmeans(
+        bank, args.num_clusters, args.num_clusterings, seed=args.seed, return_objectives=True
+    )
 
     # -- C_i for the batch (a dense [B, N] mask is fine in a demo, not in the loss).
     same = torch.zeros(b, n, dtype=torch.bool)
@@ -385,35 +507,62 @@ def main(argv=None):
         same |= labels_h[idx].unsqueeze(1) == labels_h.unsqueeze(0)
         if h == 0:
             first = same.clone()
-    background = (z @ bank.T).topk(k, dim=1).indices if args.neighbours_of == "z" else \
-        (bank[idx] @ bank.T).topk(k, dim=1).indices
+    background = (
+        (z @ bank.T).topk(k, dim=1).indices
+        if args.neighbours_of == "z"
+        else (bank[idx] @ bank.T).topk(k, dim=1).indices
+    )
     in_both = same.gather(1, background)
     purity = ((classes.unsqueeze(0) == classes[idx].unsqueeze(1)) & same).sum(1) / same.sum(1)
-    print(f"\nclose sets C_i over the batch (mean [min, max]):")
-    for name, values in (("|C_i|, 1 clustering", first.sum(1)), (f"|C_i|, union of H={len(labels)}", same.sum(1)),
-                         ("|C_i ∩ B_i|", in_both.sum(1)),
-                         ("share of C_i in i's hidden class", purity)):
+    print("\nclose sets C_i over the batch (mean [min, max]):")
+    for name, values in (
+        ("|C_i|, 1 clustering", first.sum(1)),
+        (f"|C_i|, union of H={len(labels)}", same.sum(1)),
+        ("|C_i ∩ B_i|", in_both.sum(1)),
+        ("share of C_i in i's hidden class", purity),
+    ):
         values = values.float()
         print(f"  {name:34s} {values.mean():8.2f}  [{values.min():.2f}, {values.max():.2f}]")
 
     # -- The losses side by side (all minimised; L = -loss is the paper's objective).
     singletons = torch.arange(n).unsqueeze(0)
-    close_set = torch.full((b, int(same.sum(1).max())), -1, dtype=torch.long)   # C_i padded with -1
+    close_set = torch.full((b, int(same.sum(1).max())), -1, dtype=torch.long)  # C_i padded with -1
     for row in range(b):
         members = torch.nonzero(same[row]).flatten()
         close_set[row, : len(members)] = members
     anchor = args.neighbours_of
     rows = [
         ("IR (Eq. 6)", "{i}", "all N entries", ir_loss(z, bank, idx, args.tau)),
-        ("BALL (Def. 5.2)", "{i}", "B_i", ball_loss(z, bank, idx, args.tau, k, neighbours_of=anchor)),
-        ("ANN (Def. 5.3)", "{i}", "B_i \\ C_i, plus i",
-         ann_loss(z, bank, idx, args.tau, k, close_set=close_set, neighbours_of=anchor)),
-        ("LA-SIMPLE (Thm. 5.4)", "C_i ∩ B_i, C_i = {i}", "B_i",
-         la_loss(z, bank, idx, singletons, args.tau, k, neighbours_of=anchor)),
-        ("LA (Eq. 8), H = 1", "C_i ∩ B_i, 1 clustering", "B_i",
-         la_loss(z, bank, idx, labels[:1], args.tau, k, neighbours_of=anchor)),
-        (f"LA (Eq. 8), H = {len(labels)}", f"C_i ∩ B_i, {len(labels)} clusterings", "B_i",
-         la_loss(z, bank, idx, labels, args.tau, k, neighbours_of=anchor)),
+        (
+            "BALL (Def. 5.2)",
+            "{i}",
+            "B_i",
+            ball_loss(z, bank, idx, args.tau, k, neighbours_of=anchor),
+        ),
+        (
+            "ANN (Def. 5.3)",
+            "{i}",
+            "B_i \\ C_i, plus i",
+            ann_loss(z, bank, idx, args.tau, k, close_set=close_set, neighbours_of=anchor),
+        ),
+        (
+            "LA-SIMPLE (Thm. 5.4)",
+            "C_i ∩ B_i, C_i = {i}",
+            "B_i",
+            la_loss(z, bank, idx, singletons, args.tau, k, neighbours_of=anchor),
+        ),
+        (
+            "LA (Eq. 8), H = 1",
+            "C_i ∩ B_i, 1 clustering",
+            "B_i",
+            la_loss(z, bank, idx, labels[:1], args.tau, k, neighbours_of=anchor),
+        ),
+        (
+            f"LA (Eq. 8), H = {len(labels)}",
+            f"C_i ∩ B_i, {len(labels)} clusterings",
+            "B_i",
+            la_loss(z, bank, idx, labels, args.tau, k, neighbours_of=anchor),
+        ),
     ]
     print("\n| loss (minimised; -L) | numerator set | denominator set | value |\n|---|---|---|---|")
     for name, numerator, denominator, value in rows:
@@ -424,18 +573,23 @@ def main(argv=None):
     ball = ball_loss(z.double(), bank.double(), idx, args.tau, k, neighbours_of=anchor)
     simple = la_loss(z.double(), bank.double(), idx, singletons, args.tau, k, neighbours_of=anchor)
     print(f"\nTheorem 5.4: LA with C_i = {{i}} minus BALL (float64) = {float(simple - ball):.2e}")
-    per_la = -la_loss(z, bank, idx, labels, args.tau, k, neighbours_of=anchor, reduction="none").double()
-    per_simple = -la_loss(z, bank, idx, singletons, args.tau, k, neighbours_of=anchor,
-                          reduction="none").double()
+    per_la = -la_loss(
+        z, bank, idx, labels, args.tau, k, neighbours_of=anchor, reduction="none"
+    ).double()
+    per_simple = -la_loss(
+        z, bank, idx, singletons, args.tau, k, neighbours_of=anchor, reduction="none"
+    ).double()
     size = in_both.sum(1).double() + (~(background == idx.unsqueeze(1)).any(1)).double()
-    print(f"Corollary 5.4.1, per image (L = objective):\n"
-          f"  L^LA >= L^LA-SIMPLE (holds always, since i is in C_i ∩ B_i):  "
-          f"{int((per_la >= per_simple - 1e-6).sum())}/{b} images\n"
-          f"  L^LA <= L^LA-SIMPLE (the proof's literal claim):               "
-          f"{int((per_la <= per_simple + 1e-6).sum())}/{b} images (only where C_i ∩ B_i = {{i}})\n"
-          f"  L^LA - log|C_i ∩ B_i| <= L^LA-SIMPLE (the proof's mean form):  "
-          f"{int((per_la - size.log() <= per_simple + 1e-6).sum())}/{b} images "
-          f"(holds iff p(i|x) >= the mean p(k|x) over C_i ∩ B_i)")
+    print(
+        f"Corollary 5.4.1, per image (L = objective):\n"
+        f"  L^LA >= L^LA-SIMPLE (holds always, since i is in C_i ∩ B_i):  "
+        f"{int((per_la >= per_simple - 1e-6).sum())}/{b} images\n"
+        f"  L^LA <= L^LA-SIMPLE (the proof's literal claim):               "
+        f"{int((per_la <= per_simple + 1e-6).sum())}/{b} images (only where C_i ∩ B_i = {{i}})\n"
+        f"  L^LA - log|C_i ∩ B_i| <= L^LA-SIMPLE (the proof's mean form):  "
+        f"{int((per_la - size.log() <= per_simple + 1e-6).sum())}/{b} images "
+        f"(holds iff p(i|x) >= the mean p(k|x) over C_i ∩ B_i)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ class MemoryBank:
 
     def __init__(self, size, dim, device=None, seed=0):
         if isinstance(size, bool) or int(size) != size or size < 1:
-            raise ValueError(f"size (N, the number of bank rows) must be an integer >= 1, got {size!r}")
+            raise ValueError(
+                f"size (N, the number of bank rows) must be an integer >= 1, got {size!r}"
+            )
         if isinstance(dim, bool) or int(dim) != dim or dim < 1:
             raise ValueError(f"dim (d, the embedding size) must be an integer >= 1, got {dim!r}")
         self.size, self.dim, self.seed = int(size), int(dim), int(seed)
@@ -149,9 +151,14 @@ class MemoryBank:
         """Restore a state_dict() in place (keeps this bank's device and the .vectors object)."""
         missing = {"vectors", "size", "dim"} - set(state)
         if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}; expected a MemoryBank.state_dict()")
+            raise ValueError(
+                f"state is missing keys {sorted(missing)}; expected a MemoryBank.state_dict()"
+            )
         vectors = state["vectors"]
-        if (state["size"], state["dim"]) != (self.size, self.dim) or tuple(vectors.shape) != (self.size, self.dim):
+        if (state["size"], state["dim"]) != (self.size, self.dim) or tuple(vectors.shape) != (
+            self.size,
+            self.dim,
+        ):
             raise ValueError(
                 f"state holds a bank of shape {tuple(vectors.shape)} (size={state['size']}, dim={state['dim']}), "
                 f"this bank is [{self.size}, {self.dim}]"
@@ -184,7 +191,9 @@ def _occurrence_rank(indices):
     position = torch.arange(indices.numel(), device=indices.device)
     run_start = torch.ones_like(sorted_values, dtype=torch.bool)
     run_start[1:] = sorted_values[1:] != sorted_values[:-1]
-    first_of_run = torch.cummax(torch.where(run_start, position, torch.zeros_like(position)), dim=0).values
+    first_of_run = torch.cummax(
+        torch.where(run_start, position, torch.zeros_like(position)), dim=0
+    ).values
     rank = torch.empty_like(position)
     rank[order] = position - first_of_run
     return rank
@@ -244,7 +253,9 @@ def _check_update(bank, indices, vectors, alpha):
     if not torch.is_tensor(indices) or indices.dim() != 1 or indices.is_floating_point():
         raise ValueError(f"indices must be a 1-D integer tensor [B], got {indices!r:.80}")
     if not torch.is_tensor(vectors) or vectors.shape != (len(indices), bank.dim):
-        raise ValueError(f"vectors must be [B, d] = [{len(indices)}, {bank.dim}], got {vectors!r:.80}")
+        raise ValueError(
+            f"vectors must be [B, d] = [{len(indices)}, {bank.dim}], got {vectors!r:.80}"
+        )
     if not vectors.is_floating_point():
         raise ValueError(f"vectors must be floating point, got dtype {vectors.dtype}")
 
@@ -316,16 +327,32 @@ def main(argv=None):
         description="Eq. 9 made visible: how the memory bank (Eq. 7) weighs the views of an image "
         "over epochs, the effective number of views n_alpha, and what re-normalization changes."
     )
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9, 0.99],
-                        help="bank update rates alpha of Eq. 7 to tabulate (each in [0, 1); the paper's "
-                        "ImageNet runs use 0.5, Appendix D)")
-    parser.add_argument("--mass", type=float, default=0.99,
-                        help="n_alpha = the fewest most-recent views holding this fraction of the Eq. 9 weight")
-    parser.add_argument("--views", type=int, default=5,
-                        help="how many of the most recent views' weights to print")
-    parser.add_argument("--updates", type=int, default=2000,
-                        help="Eq. 7 updates (epochs) fed to one bank row when measuring the weights")
-    parser.add_argument("--dim", type=int, default=128, help="d, the embedding size, for the alpha = 0 check")
+    parser.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5, 0.9, 0.99],
+        help="bank update rates alpha of Eq. 7 to tabulate (each in [0, 1); the paper's "
+        "ImageNet runs use 0.5, Appendix D)",
+    )
+    parser.add_argument(
+        "--mass",
+        type=float,
+        default=0.99,
+        help="n_alpha = the fewest most-recent views holding this fraction of the Eq. 9 weight",
+    )
+    parser.add_argument(
+        "--views", type=int, default=5, help="how many of the most recent views' weights to print"
+    )
+    parser.add_argument(
+        "--updates",
+        type=int,
+        default=2000,
+        help="Eq. 7 updates (epochs) fed to one bank row when measuring the weights",
+    )
+    parser.add_argument(
+        "--dim", type=int, default=128, help="d, the embedding size, for the alpha = 0 check"
+    )
     args = parser.parse_args(argv)
     for alpha in args.alphas:
         if not (0.0 <= alpha < 1.0):
@@ -336,30 +363,49 @@ def main(argv=None):
         parser.error("need --views >= 1, --updates >= --views and --dim >= 1")
     start = time.time()
 
-    print("Eq. 9: after many epochs M[i] = (1-alpha) * sum_j alpha^(j-1) E(v(x_i, a_j)), view j = j-th most recent.")
-    print(f"n_alpha(q) = fewest recent views holding a fraction q of the weight = ceil(log(1-q)/log alpha);")
-    print("ESS = (sum w)^2 / sum w^2 = (1+alpha)/(1-alpha) (Kish's effective sample size), for comparison.\n")
+    print(
+        "Eq. 9: after many epochs M[i] = (1-alpha) * sum_j alpha^(j-1) E(v(x_i, a_j)), view j = j-th most recent."
+    )
+    print(
+        "n_alpha(q) = fewest recent views holding a fraction q of the weight = ceil(log(1-q)/log alpha);"
+    )
+    print(
+        "ESS = (sum w)^2 / sum w^2 = (1+alpha)/(1-alpha) (Kish's effective sample size), for comparison.\n"
+    )
     head = " ".join(f"w{j + 1:<6}" for j in range(args.views))
-    print(f"{'alpha':>6} | {head}| n_alpha({args.mass:g}) | n_alpha(1-1/e) | ESS     "
-          f"| renorm decay | renorm n_alpha({args.mass:g}) | measured renorm decay")
+    print(
+        f"{'alpha':>6} | {head}| n_alpha({args.mass:g}) | n_alpha(1-1/e) | ESS     "
+        f"| renorm decay | renorm n_alpha({args.mass:g}) | measured renorm decay"
+    )
     for alpha in args.alphas:
         weights = view_weights(alpha, args.views)
         paper_weights, _ = _measure_weights(alpha, args.updates, renormalize=False)
         # The literal Eq. 7 run must reproduce the closed form (it is the same recursion).
-        assert torch.allclose(paper_weights[: args.views], weights, atol=1e-6), (paper_weights[:5], weights)
+        assert torch.allclose(paper_weights[: args.views], weights, atol=1e-6), (
+            paper_weights[:5],
+            weights,
+        )
         renorm_weights, _ = _measure_weights(alpha, args.updates, renormalize=True)
         decay = renormalized_decay(alpha)
         measured = float(renorm_weights[1] / renorm_weights[0]) if alpha > 0 else 0.0
         n_renorm = n_alpha(decay, args.mass) if decay < 1 else math.inf
         ess = (1 + alpha) / (1 - alpha)
         cells = " ".join(f"{w:<7.4f}" for w in weights.tolist())
-        print(f"{alpha:>6g} | {cells}| {n_alpha(alpha, args.mass):>13d} | {n_alpha(alpha, 1 - 1 / math.e):>14d} "
-              f"| {ess:<7.1f} | {decay:<12.5f} | {n_renorm:>20} | {measured:.5f}")
+        print(
+            f"{alpha:>6g} | {cells}| {n_alpha(alpha, args.mass):>13d} | {n_alpha(alpha, 1 - 1 / math.e):>14d} "
+            f"| {ess:<7.1f} | {decay:<12.5f} | {n_renorm:>20} | {measured:.5f}"
+        )
 
-    print("\nrenorm decay: with re-normalization and mutually orthogonal views (cosine 0) old views decay by")
-    print("alpha / sqrt(alpha^2 + (1-alpha)^2) per update, not alpha; n_alpha grows accordingly.  With views")
-    print("that agree (cosine c) the factor is smaller; e.g. alpha = 0.9:",
-          ", ".join(f"cos {c:g} -> {renormalized_decay(0.9, c):.4f}" for c in (0.0, 0.5, 0.9, 0.99)))
+    print(
+        "\nrenorm decay: with re-normalization and mutually orthogonal views (cosine 0) old views decay by"
+    )
+    print(
+        "alpha / sqrt(alpha^2 + (1-alpha)^2) per update, not alpha; n_alpha grows accordingly.  With views"
+    )
+    print(
+        "that agree (cosine c) the factor is smaller; e.g. alpha = 0.9:",
+        ", ".join(f"cos {c:g} -> {renormalized_decay(0.9, c):.4f}" for c in (0.0, 0.5, 0.9, 0.99)),
+    )
 
     # alpha = 0: the bank row is exactly the newest view (normalized).  Eq. 9 with n_alpha = 1.
     generator = torch.Generator().manual_seed(0)
@@ -370,8 +416,10 @@ def main(argv=None):
         bank.update(torch.arange(10), views, alpha=0.0)
         last = views
     diff = float((bank.vectors - last).abs().max())
-    print(f"\nalpha = 0: max |M - (newest views)| over 10 rows after 3 updates = {diff:.1e} "
-          f"(the bank stores exactly the last view; earlier views have weight 0)")
+    print(
+        f"\nalpha = 0: max |M - (newest views)| over 10 rows after 3 updates = {diff:.1e} "
+        f"(the bank stores exactly the last view; earlier views have weight 0)"
+    )
     print(f"done in {time.time() - start:.1f} s")
 
 

@@ -57,26 +57,52 @@ from instance_disc import ann_loss, ball_loss, ir_loss, ir_nce_loss  # noqa: E40
 from local_agg import faiss_has_gpu, la_loss, run_kmeans  # noqa: E402
 from memory_bank import MemoryBank  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000],
-                    help="bank sizes N to measure (ImageNet: 1,281,167)")
-parser.add_argument("--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)")
+parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+)
+parser.add_argument(
+    "--sizes",
+    type=int,
+    nargs="+",
+    default=[10_000, 100_000],
+    help="bank sizes N to measure (ImageNet: 1,281,167)",
+)
+parser.add_argument(
+    "--batch-size", type=int, default=256, help="B, images per step (Appendix D: 256)"
+)
 parser.add_argument("--dim", type=int, default=128, help="d, embedding size (Appendix D: 128)")
 parser.add_argument("--k-background", type=int, default=4096, help="|B_i| (Appendix D: 4096)")
 parser.add_argument("--num-negatives", type=int, default=4096, help="IR-NCE's sampled negatives")
-parser.add_argument("--clusterings", type=int, default=10, help="H, k-means runs for LA's C_i (Appendix D: 10)")
-parser.add_argument("--repeats", type=int, default=5, help="timed steps per loss (the median is reported)")
+parser.add_argument(
+    "--clusterings", type=int, default=10, help="H, k-means runs for LA's C_i (Appendix D: 10)"
+)
+parser.add_argument(
+    "--repeats", type=int, default=5, help="timed steps per loss (the median is reported)"
+)
 parser.add_argument("--tau", type=float, default=0.07, help="temperature (Appendix D: 0.07)")
-parser.add_argument("--alpha", type=float, default=0.5, help="bank update rate of Eq. 7 (Appendix D: 0.5)")
-parser.add_argument("--kmeans-n", type=int, default=100_000, help="rows for the faiss k-means timing")
-parser.add_argument("--kmeans-k", type=int, default=1000, help="clusters for the faiss k-means timing")
+parser.add_argument(
+    "--alpha", type=float, default=0.5, help="bank update rate of Eq. 7 (Appendix D: 0.5)"
+)
+parser.add_argument(
+    "--kmeans-n", type=int, default=100_000, help="rows for the faiss k-means timing"
+)
+parser.add_argument(
+    "--kmeans-k", type=int, default=1000, help="clusters for the faiss k-means timing"
+)
 parser.add_argument("--skip-kmeans", action="store_true", help="do not time faiss k-means")
 parser.add_argument("--skip-memory", action="store_true", help="do not profile memory")
-parser.add_argument("--skip-parts", action="store_true",
-                    help="do not time the pieces (matmul, top-k, B_i backward, ANN's second top-k) separately")
-parser.add_argument("--threads", type=int, default=None,
-                    help="torch (and faiss) CPU threads; default: torch's default. On a shared machine "
-                         "1 thread gives steadier figures (busy OpenMP pools stall on every small op)")
+parser.add_argument(
+    "--skip-parts",
+    action="store_true",
+    help="do not time the pieces (matmul, top-k, B_i backward, ANN's second top-k) separately",
+)
+parser.add_argument(
+    "--threads",
+    type=int,
+    default=None,
+    help="torch (and faiss) CPU threads; default: torch's default. On a shared machine "
+    "1 thread gives steadier figures (busy OpenMP pools stall on every small op)",
+)
 
 
 def clock(fn):
@@ -89,7 +115,7 @@ def clock(fn):
 def paired_ms(floor_fn, step_fn, repeats):
     """Alternate floor and step calls so both see the same machine load; return
     medians in ms: (floor wall, floor cpu, step wall, step cpu)."""
-    floor_fn(), step_fn()                                  # warm-up: allocator, thread pools
+    floor_fn(), step_fn()  # warm-up: allocator, thread pools
     samples = [clock(floor_fn) + clock(step_fn) for _ in range(repeats)]
     return tuple(1e3 * statistics.median(column) for column in zip(*samples))
 
@@ -122,10 +148,14 @@ def peak_allocated_bytes(fn, similarities_bytes):
     for e in events:
         a = e["args"]
         if abs(a["Bytes"]) == similarities_bytes:
-            (live_similarity_blocks.add if a["Bytes"] > 0 else live_similarity_blocks.discard)(a["Addr"])
+            (live_similarity_blocks.add if a["Bytes"] > 0 else live_similarity_blocks.discard)(
+                a["Addr"]
+            )
         total = a["Total Allocated"] - baseline
         peak = max(peak, total)
-        peak_beyond = max(peak_beyond, total - similarities_bytes * min(1, len(live_similarity_blocks)))
+        peak_beyond = max(
+            peak_beyond, total - similarities_bytes * min(1, len(live_similarity_blocks))
+        )
     return peak, peak_beyond
 
 
@@ -149,21 +179,30 @@ def parts_ms(bank_vectors, raw, idx, labels, tau, k, k_close, repeats):
             "top-k (unsorted) of [B, N]": lambda: similarities.topk(k, dim=1, sorted=False),
             "top-k (sorted) of [B, N]": lambda: similarities.topk(k, dim=1, sorted=True),
             "B_i backward: embedding_bag over B*k rows": lambda: F.embedding_bag(
-                neighbours, bank_vectors, per_sample_weights=weights, mode="sum"),
-            "B_i backward by plain autograd: dense [B, N] gradient @ bank": lambda: torch.zeros_like(
-                similarities).scatter_(1, neighbours, weights) @ bank_vectors,
-            f"ANN's C_i: top-{k_close} of [B, k]": lambda: values.topk(k_close, dim=1, sorted=False),
+                neighbours, bank_vectors, per_sample_weights=weights, mode="sum"
+            ),
+            "B_i backward by plain autograd: dense [B, N] gradient @ bank": lambda: (
+                torch.zeros_like(similarities).scatter_(1, neighbours, weights) @ bank_vectors
+            ),
+            f"ANN's C_i: top-{k_close} of [B, k]": lambda: values.topk(
+                k_close, dim=1, sorted=False
+            ),
         }
         out = {}
         for name, fn in pieces.items():
             fn()
             out[name] = 1e3 * statistics.median(clock(fn)[1] for _ in range(repeats))
-        all_h, first_only = (lambda: la_loss(z, bank_vectors, idx, labels, tau, k)), \
-            (lambda: la_loss(z, bank_vectors, idx, labels[:1], tau, k))
+        all_h, first_only = (
+            (lambda: la_loss(z, bank_vectors, idx, labels, tau, k)),
+            (lambda: la_loss(z, bank_vectors, idx, labels[:1], tau, k)),
+        )
         all_h(), first_only()
-        differences = [clock(all_h)[1] - clock(first_only)[1] for _ in range(2 * repeats)]  # paired, like the steps
-        out[f"LA's C_i: labels of {labels.shape[0] - 1} more clusterings (la_loss H={labels.shape[0]} - H=1)"] = \
-            1e3 * statistics.median(differences)
+        differences = [
+            clock(all_h)[1] - clock(first_only)[1] for _ in range(2 * repeats)
+        ]  # paired, like the steps
+        out[
+            f"LA's C_i: labels of {labels.shape[0] - 1} more clusterings (la_loss H={labels.shape[0]} - H=1)"
+        ] = 1e3 * statistics.median(differences)
     return out
 
 
@@ -171,11 +210,14 @@ def main(args):
     torch.manual_seed(0)
     if args.threads is not None:
         import faiss
+
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
     b, d, k, h = args.batch_size, args.dim, args.k_background, args.clusterings
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} d={d} k_background={k} "
-          f"H={h} repeats={args.repeats} (medians)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} d={d} k_background={k} "
+        f"H={h} repeats={args.repeats} (medians)"
+    )
     print("Timings on a shared machine are noisy; compare ratios taken in the same run.\n")
 
     rows, memory_rows, part_rows = {}, [], {}
@@ -204,6 +246,7 @@ def main(args):
                 z = F.normalize(raw, dim=1)
                 loss_fn(z).backward()
                 bank.update(idx, z.detach(), args.alpha)
+
             return run
 
         floors_cpu = []
@@ -211,12 +254,17 @@ def main(args):
             floor_wall, floor_cpu, wall, cpu = paired_ms(floor, step(loss_fn), args.repeats)
             floors_cpu.append(floor_cpu)
             rows.setdefault(name, {})[n] = (wall, wall / floor_wall, cpu, cpu / floor_cpu)
-            print(f"N={n}: {name}: wall {wall:.1f} ms = {wall / floor_wall:.2f} x floor ({floor_wall:.1f} ms); "
-                  f"CPU {cpu:.1f} ms = {cpu / floor_cpu:.2f} x floor ({floor_cpu:.1f} ms)", flush=True)
+            print(
+                f"N={n}: {name}: wall {wall:.1f} ms = {wall / floor_wall:.2f} x floor ({floor_wall:.1f} ms); "
+                f"CPU {cpu:.1f} ms = {cpu / floor_cpu:.2f} x floor ({floor_cpu:.1f} ms)",
+                flush=True,
+            )
         floor_cpu = statistics.median(floors_cpu)
         rows.setdefault("floor: z @ bank.T + topk", {})[n] = (float("nan"), 1.0, floor_cpu, 1.0)
         if not args.skip_parts:
-            for name, ms in parts_ms(bank.vectors, raw, idx, labels, args.tau, k, k // 10, args.repeats).items():
+            for name, ms in parts_ms(
+                bank.vectors, raw, idx, labels, args.tau, k, k // 10, args.repeats
+            ).items():
                 part_rows.setdefault(name, {})[n] = ms
 
         if not args.skip_memory:
@@ -232,9 +280,11 @@ def main(args):
     sizes = args.sizes
     floor_name = "floor: z @ bank.T + topk"
     rows = {floor_name: rows.pop(floor_name), **rows}
-    print("\n| step (forward + backward + bank update) | "
-          + " | ".join(f"N={n:,}: CPU ms (x floor)" for n in sizes)
-          + (f" | CPU time N={sizes[-1]:,} / N={sizes[0]:,} |" if len(sizes) > 1 else " |"))
+    print(
+        "\n| step (forward + backward + bank update) | "
+        + " | ".join(f"N={n:,}: CPU ms (x floor)" for n in sizes)
+        + (f" | CPU time N={sizes[-1]:,} / N={sizes[0]:,} |" if len(sizes) > 1 else " |")
+    )
     print("|---|" + "---|" * len(sizes) + ("---|" if len(sizes) > 1 else ""))
     for name, by_n in rows.items():
         cells = " | ".join(f"{by_n[n][2]:.1f} ({by_n[n][3]:.2f}x)" for n in sizes)
@@ -248,25 +298,32 @@ def main(args):
             print(f"| {name} | " + " | ".join(f"{by_n[n]:.1f}" for n in sizes) + " |")
 
     if memory_rows:
-        print(f"\n| N | loss | peak allocated during a step (MiB) | peak of all but the [B,N] similarities, "
-              f"in [B,k]={b}x{k} fp32 tensors |")
+        print(
+            f"\n| N | loss | peak allocated during a step (MiB) | peak of all but the [B,N] similarities, "
+            f"in [B,k]={b}x{k} fp32 tensors |"
+        )
         print("|---|---|---|---|")
         for n, name, peak, in_bk in memory_rows:
             print(f"| {n:,} | {name} | {peak / 2**20:.1f} | {in_bk:.1f} |")
-        print(f"(target for LA: at most H = {h} [B,k] tensors beyond the similarities; "
-              f"[B,N] fp32 = {b * sizes[-1] * 4 / 2**20:.0f} MiB at N={sizes[-1]:,}, "
-              f"[B,k] fp32 = {b * k * 4 / 2**20:.0f} MiB)")
+        print(
+            f"(target for LA: at most H = {h} [B,k] tensors beyond the similarities; "
+            f"[B,N] fp32 = {b * sizes[-1] * 4 / 2**20:.0f} MiB at N={sizes[-1]:,}, "
+            f"[B,k] fp32 = {b * k * 4 / 2**20:.0f} MiB)"
+        )
 
     if not args.skip_kmeans:
         x = F.normalize(torch.randn(args.kmeans_n, d), dim=1)
         start, start_cpu = time.perf_counter(), time.process_time()
-        _, objectives = run_kmeans(x, args.kmeans_k, num_clusterings=1, seed=0, verbose=False,
-                                   return_objectives=True)
+        _, objectives = run_kmeans(
+            x, args.kmeans_k, num_clusterings=1, seed=0, verbose=False, return_objectives=True
+        )
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-        print(f"\nfaiss k-means ({'GPU' if faiss_has_gpu() else 'CPU'}): N={args.kmeans_n:,} d={d} "
-              f"K={args.kmeans_k:,}, 20 iterations, all rows used: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU "
-              f"per clustering (x{h} clusterings = {h * seconds:.0f} s wall per re-clustering); "
-              f"final objective (Kmeans.obj[-1]) {objectives[0]:.4g}")
+        print(
+            f"\nfaiss k-means ({'GPU' if faiss_has_gpu() else 'CPU'}): N={args.kmeans_n:,} d={d} "
+            f"K={args.kmeans_k:,}, 20 iterations, all rows used: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU "
+            f"per clustering (x{h} clusterings = {h * seconds:.0f} s wall per re-clustering); "
+            f"final objective (Kmeans.obj[-1]) {objectives[0]:.4g}"
+        )
 
 
 if __name__ == "__main__":

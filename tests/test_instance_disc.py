@@ -13,7 +13,9 @@ from memory_bank import MemoryBank
 
 
 def unit(n, d, seed, dtype=torch.float32):
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1).to(dtype)
+    return F.normalize(
+        torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1
+    ).to(dtype)
 
 
 def problem(n=300, d=16, b=12, seed=0, noise=0.6, dtype=torch.float32):
@@ -69,11 +71,15 @@ def test_ir_loss_matches_the_lemniscate_full_softmax_formulation():
 @pytest.mark.parametrize("tau", [0.07, 0.5])
 def test_theorem_5_1_ir_is_infonce_over_all_entries_up_to_log_n(tau):
     z, bank, idx = problem(n=200, seed=4)
-    nce = infonce.infonce_bound(all_scores(z, bank, idx, tau))  # K = N, the positive plus N-1 negatives
+    nce = infonce.infonce_bound(
+        all_scores(z, bank, idx, tau)
+    )  # K = N, the positive plus N-1 negatives
     ir = ir_loss(z, bank, idx, tau)
     assert float(nce) == pytest.approx(math.log(200) - float(ir), abs=1e-5)
     # and the InfoNCE training loss is IR itself
-    assert float(infonce.infonce_loss(all_scores(z, bank, idx, tau))) == pytest.approx(float(ir), abs=1e-5)
+    assert float(infonce.infonce_loss(all_scores(z, bank, idx, tau))) == pytest.approx(
+        float(ir), abs=1e-5
+    )
 
 
 # ----------------------------------------------------------------------
@@ -101,7 +107,9 @@ def test_ir_nce_with_two_entries_has_only_the_other_one_as_negative():
     pos = s[[0, 1], [0, 1]]
     other = s[[0, 1], [1, 0]]
     expected = (torch.log(torch.exp(pos) + k * torch.exp(other)) - pos).mean()
-    torch.testing.assert_close(ir_nce_loss(z, bank, idx, tau, num_negatives=k), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ir_nce_loss(z, bank, idx, tau, num_negatives=k), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_ir_nce_is_infonce_on_the_sampled_negatives():
@@ -163,7 +171,9 @@ def test_ann_is_definition_5_3(anchor):
     z, bank, idx = problem(seed=8, noise=1.0)
     tau, k, close = 0.1, 30, 6
     for include_positive in (True, False):
-        got = ann_loss(z, bank, idx, tau, k, close, neighbours_of=anchor, include_positive=include_positive)
+        got = ann_loss(
+            z, bank, idx, tau, k, close, neighbours_of=anchor, include_positive=include_positive
+        )
         expected = ball_by_definition(z, bank, idx, tau, k, anchor, close, include_positive)
         assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
@@ -173,7 +183,9 @@ def test_ann_with_an_explicit_close_set():
     tau, k = 0.1, 25
     top = torch.topk(z @ bank.T, k, dim=1).indices
     # C_i: four members of B_i plus entries outside it, padded with -1 to equal widths.
-    close_set = torch.cat([top[:, [1, 3, 5, 7]], torch.full((len(idx), 2), -1), (top[:, :1] + 1) % 300], dim=1)
+    close_set = torch.cat(
+        [top[:, [1, 3, 5, 7]], torch.full((len(idx), 2), -1), (top[:, :1] + 1) % 300], dim=1
+    )
     s = (z.double() @ bank.double().T) / tau
     values = []
     for r in range(len(idx)):
@@ -200,11 +212,15 @@ def test_special_cases_tie_the_losses_together():
     z, bank, idx = problem(n=120, seed=10, noise=1.0)
     tau = 0.2
     # |B_i| = N: BALL is IR.
-    torch.testing.assert_close(ball_loss(z, bank, idx, tau, 120), ir_loss(z, bank, idx, tau), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ball_loss(z, bank, idx, tau, 120), ir_loss(z, bank, idx, tau), rtol=1e-5, atol=1e-6
+    )
     # No close set: ANN is BALL (k_close = 0, or an all-padding close_set).
     torch.testing.assert_close(ann_loss(z, bank, idx, tau, 30, 0), ball_loss(z, bank, idx, tau, 30))
-    torch.testing.assert_close(ann_loss(z, bank, idx, tau, 30, close_set=torch.full((len(idx), 3), -1)),
-                               ball_loss(z, bank, idx, tau, 30))
+    torch.testing.assert_close(
+        ann_loss(z, bank, idx, tau, 30, close_set=torch.full((len(idx), 3), -1)),
+        ball_loss(z, bank, idx, tau, 30),
+    )
     # The default close set is the inner tenth of B_i.
     torch.testing.assert_close(ann_loss(z, bank, idx, tau, 30), ann_loss(z, bank, idx, tau, 30, 3))
 
@@ -220,10 +236,16 @@ def test_ball_matches_the_local_aggregation_code_with_close_set_of_just_i():
     assert (back_idx == idx[:, None]).any(1).all()  # i in B_i for every row here
     Z = 2876934.2 / 1281167 * bank.shape[0]
     probs = torch.exp(back_dots / tau) / Z
-    relative = torch.where(back_idx == idx[:, None], probs, torch.zeros_like(probs)).sum(1) / probs.sum(1)
+    relative = torch.where(back_idx == idx[:, None], probs, torch.zeros_like(probs)).sum(
+        1
+    ) / probs.sum(1)
     la_code = -torch.log(relative).mean()
-    assert float(ball_loss(z, bank, idx, tau, k, include_positive=False)) == pytest.approx(float(la_code), rel=1e-5)
-    assert float(ball_loss(z, bank, idx, tau, k, include_positive=True)) == pytest.approx(float(la_code), rel=1e-5)
+    assert float(ball_loss(z, bank, idx, tau, k, include_positive=False)) == pytest.approx(
+        float(la_code), rel=1e-5
+    )
+    assert float(ball_loss(z, bank, idx, tau, k, include_positive=True)) == pytest.approx(
+        float(la_code), rel=1e-5
+    )
 
 
 def test_vince_constant_of_corollary_5_3_1():
@@ -271,7 +293,9 @@ def test_masked_logsumexp_of_an_empty_set_has_zero_gradient():
     # The losses mask with -inf and call torch.logsumexp.  An all-masked row (an empty set) gives
     # -inf, and torch.logsumexp's backward alone would give NaN there (0 * exp(-inf + inf)); the
     # masked_fill in front of it zeroes the gradient of every masked entry, so no NaN reaches z.
-    x = (20 * torch.randn(4, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    x = (
+        20 * torch.randn(4, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ).requires_grad_()
     masked = torch.zeros(4, 30, dtype=torch.bool)
     masked[1, :10] = True
     masked[3] = True  # an empty set
@@ -279,7 +303,11 @@ def test_masked_logsumexp_of_an_empty_set_has_zero_gradient():
     assert torch.isneginf(out[3]) and torch.isfinite(out[:3]).all()
     torch.testing.assert_close(out[1], torch.logsumexp(x[1, 10:], dim=0))
     torch.where(torch.isfinite(out), out, torch.zeros_like(out)).sum().backward()
-    assert torch.isfinite(x.grad).all() and float(x.grad[3].abs().sum()) == 0.0 and float(x.grad[1, :10].abs().sum()) == 0.0
+    assert (
+        torch.isfinite(x.grad).all()
+        and float(x.grad[3].abs().sum()) == 0.0
+        and float(x.grad[1, :10].abs().sum()) == 0.0
+    )
     torch.testing.assert_close(x.grad[0], torch.softmax(x.detach()[0], dim=0))
 
 
@@ -350,7 +378,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"k_close must be an integer in \[0, 9\]"):
         ann_loss(z, bank, idx, k_background=10, k_close=10)
     with pytest.raises(ValueError, match="not both"):
-        ann_loss(z, bank, idx, k_background=10, k_close=2, close_set=torch.zeros(len(idx), 1, dtype=torch.long))
+        ann_loss(
+            z,
+            bank,
+            idx,
+            k_background=10,
+            k_close=2,
+            close_set=torch.zeros(len(idx), 1, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match=r"close_set must be .*\[B, c\]"):
         ann_loss(z, bank, idx, k_background=10, close_set=torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(IndexError, match="close_set"):
@@ -367,8 +402,20 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_demo_prints_the_table_and_the_checks(capsys):
-    instance_disc.main(["--num-items", "800", "--dim", "16", "--batch-size", "32", "--k-background", "100",
-                        "--num-negatives", "200"])
+    instance_disc.main(
+        [
+            "--num-items",
+            "800",
+            "--dim",
+            "16",
+            "--batch-size",
+            "32",
+            "--k-background",
+            "100",
+            "--num-negatives",
+            "200",
+        ]
+    )
     out = capsys.readouterr().out
     for word in ("IR (Eq. 6)", "IR-NCE", "BALL", "ANN", "Theorem 5.1", "Corollary 5.3.1", "fp16"):
         assert word in out

@@ -30,6 +30,7 @@ def single_threaded_faiss():
     2.5 s instead of 2 ms.  The tests' problems are tiny, so run faiss on one
     thread here and restore the setting afterwards."""
     import faiss
+
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield
@@ -44,7 +45,9 @@ def clustered_bank(n=600, d=16, classes=12, spread=0.35, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(classes, d, generator=g), dim=1)
     truth = torch.randint(0, classes, (n,), generator=g)
-    bank = F.normalize(centres[truth] + spread * torch.randn(n, d, generator=g) / math.sqrt(d), dim=1)
+    bank = F.normalize(
+        centres[truth] + spread * torch.randn(n, d, generator=g) / math.sqrt(d), dim=1
+    )
     return bank, truth
 
 
@@ -72,14 +75,14 @@ def la_code_reference(z, bank, idx, labels, tau, k):
     n = bank.shape[0]
     background_sim, background = (z @ bank.T).topk(k, dim=1)
     p = torch.exp(background_sim / tau) / (2876934.2 / 1281167 * n)
-    close = (labels[:, background] == labels[:, idx].unsqueeze(2)).any(dim=0)      # [B, k]
+    close = (labels[:, background] == labels[:, idx].unsqueeze(2)).any(dim=0)  # [B, k]
     ratio = (p * close).sum(dim=1) / p.sum(dim=1)
     return -torch.log(ratio + 1e-7)
 
 
 def dense_ball(z, bank, idx, tau, k):
     """-log p(i | x) / p(B_i | x) with B_i = top-k of z . M, plus i (float64)."""
-    s = z.double() @ bank.double().T / tau                                      # [B, N]
+    s = z.double() @ bank.double().T / tau  # [B, N]
     in_ball = torch.zeros_like(s, dtype=torch.bool)
     in_ball.scatter_(1, s.topk(k, dim=1).indices, True)
     in_ball[torch.arange(len(idx)), idx] = True
@@ -99,7 +102,7 @@ def close_in_background_count(z, bank, idx, labels, k):
 # ---------------------------------------------------------------------------
 def test_run_kmeans_shape_range_and_seeds():
     g = torch.Generator().manual_seed(3)
-    bank = F.normalize(torch.randn(800, 8, generator=g), dim=1)   # no cluster structure
+    bank = F.normalize(torch.randn(800, 8, generator=g), dim=1)  # no cluster structure
     labels = run_kmeans(bank, 10, num_clusterings=3, seed=5, verbose=False)
     assert labels.shape == (3, 800) and labels.dtype == torch.long
     assert int(labels.min()) >= 0 and int(labels.max()) < 10
@@ -108,7 +111,7 @@ def test_run_kmeans_shape_range_and_seeds():
     assert torch.equal(labels, run_kmeans(bank, 10, num_clusterings=3, seed=5, verbose=False))
     assert torch.equal(labels[1:], run_kmeans(bank, 10, num_clusterings=2, seed=6, verbose=False))
     # Different seeds give different PARTITIONS (not just renamed ids).
-    together = [(l.unsqueeze(0) == l.unsqueeze(1)) for l in labels]           # co-membership
+    together = [(l.unsqueeze(0) == l.unsqueeze(1)) for l in labels]  # co-membership
     assert not torch.equal(together[0], together[1])
     assert not torch.equal(together[1], together[2])
 
@@ -138,14 +141,22 @@ def test_run_kmeans_uses_every_point_and_reports_objective():
     def within_cluster_ss(row):
         return sum(float(((x[row == c] - x[row == c].mean(0)) ** 2).sum()) for c in row.unique())
 
-    labels, objectives = run_kmeans(bank, 4, num_clusterings=1, verbose=False, return_objectives=True)
+    labels, objectives = run_kmeans(
+        bank, 4, num_clusterings=1, verbose=False, return_objectives=True
+    )
     full = within_cluster_ss(labels[0])
     assert full <= objectives[0] * (1 + 1e-4)
     assert objectives[0] < 1.05 * full
     # Faiss's default (256 points per centroid = 1024 of 3000) fits and
     # reports on a third of the points only.
-    labels_sub, objectives_sub = run_kmeans(bank, 4, num_clusterings=1, verbose=False,
-                                            max_points_per_centroid=256, return_objectives=True)
+    labels_sub, objectives_sub = run_kmeans(
+        bank,
+        4,
+        num_clusterings=1,
+        verbose=False,
+        max_points_per_centroid=256,
+        return_objectives=True,
+    )
     assert objectives_sub[0] < 0.5 * within_cluster_ss(labels_sub[0])
 
 
@@ -170,6 +181,7 @@ def test_kmeans_of_a_gpu_bank_without_gpu_faiss_warns_once(monkeypatch):
     import warnings
 
     import local_agg
+
     monkeypatch.setattr(local_agg, "faiss_has_gpu", lambda: False)
     monkeypatch.setattr(local_agg, "_WARNED_KMEANS_ON_CPU", False)
     with warnings.catch_warnings(record=True) as caught:
@@ -195,6 +207,7 @@ def test_kmeans_of_a_gpu_bank_without_gpu_faiss_warns_once(monkeypatch):
 
 def test_run_kmeans_passes_its_job_to_the_cpu_warning(monkeypatch):
     import local_agg
+
     seen = []
     monkeypatch.setattr(local_agg, "warn_if_kmeans_on_cpu", lambda *a: seen.append(a))
     bank = F.normalize(torch.randn(60, 4), dim=1)
@@ -209,7 +222,9 @@ def test_la_loss_matches_the_published_la_formula(data):
     bank, _, labels, z, idx = data
     for k in (5, 40, 300):
         expected = la_code_reference(z, bank, idx, labels, TAU, k)
-        got = la_loss(z, bank, idx, labels, k_background=k, include_positive=False, reduction="none")
+        got = la_loss(
+            z, bank, idx, labels, k_background=k, include_positive=False, reduction="none"
+        )
         # equal up to the LA code's 1e-7 inside the log: |diff| <= 1e-7 / ratio
         assert torch.allclose(got.double(), expected, atol=1e-5, rtol=0)
         # Here every image's own entry is among the k nearest of its view, so
@@ -224,17 +239,19 @@ def test_include_positive_when_i_is_outside_the_background():
     bank, _ = clustered_bank(n=300, seed=2)
     z, idx = views_of(bank, batch=6, seed=3)
     z = z.clone()
-    z[0] = -bank[idx[0]]                                                   # far from M[i]
-    labels = torch.arange(300).unsqueeze(0).repeat(2, 1)                    # C_i = {i}
+    z[0] = -bank[idx[0]]  # far from M[i]
+    labels = torch.arange(300).unsqueeze(0).repeat(2, 1)  # C_i = {i}
     k = 20
     code = la_loss(z, bank, idx, labels, k_background=k, include_positive=False, reduction="none")
     assert code[0].item() == pytest.approx(-math.log(1e-7))
     ours = la_loss(z, bank, idx, labels, k_background=k, reduction="none")
     assert torch.allclose(ours.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
-    assert torch.isfinite(ours).all() and ours[0] > 20                      # large but finite
+    assert torch.isfinite(ours).all() and ours[0] > 20  # large but finite
     # no gradient from the LA code's constant row
     z_leaf = z.clone().requires_grad_()
-    la_loss(z_leaf, bank, idx, labels, k_background=k, include_positive=False, reduction="none")[0].backward()
+    la_loss(z_leaf, bank, idx, labels, k_background=k, include_positive=False, reduction="none")[
+        0
+    ].backward()
     assert torch.count_nonzero(z_leaf.grad) == 0
 
 
@@ -244,14 +261,17 @@ def test_theorem_5_4_singleton_close_sets_give_ball(data):
     bank, _, _, z, idx = data
     singletons = torch.arange(bank.shape[0]).unsqueeze(0)
     for k, neighbours_of in ((10, "z"), (100, "z"), (100, "bank")):
-        got = la_loss(z, bank, idx, singletons, k_background=k, neighbours_of=neighbours_of,
-                      reduction="none")
+        got = la_loss(
+            z, bank, idx, singletons, k_background=k, neighbours_of=neighbours_of, reduction="none"
+        )
         if neighbours_of == "z":
             assert torch.allclose(got.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
         assert (got > 0).all()
     # H copies of the identity clustering are still C_i = {i}.
-    assert torch.equal(la_loss(z, bank, idx, singletons, k_background=50),
-                       la_loss(z, bank, idx, singletons.repeat(4, 1), k_background=50))
+    assert torch.equal(
+        la_loss(z, bank, idx, singletons, k_background=50),
+        la_loss(z, bank, idx, singletons.repeat(4, 1), k_background=50),
+    )
 
 
 def test_theorem_5_4_against_instance_disc_ball_loss(data):
@@ -266,15 +286,45 @@ def test_theorem_5_4_against_instance_disc_ball_loss(data):
         for neighbours_of in ("z", "bank"):
             for include_positive in conventions:
                 for k in (7, 120):
-                    la = la_loss(views.double(), bank.double(), idx, singletons, TAU, k,
-                                 neighbours_of=neighbours_of, include_positive=include_positive)
-                    ball = ball_loss(views.double(), bank.double(), idx, TAU, k, neighbours_of=neighbours_of,
-                                     include_positive=include_positive)
+                    la = la_loss(
+                        views.double(),
+                        bank.double(),
+                        idx,
+                        singletons,
+                        TAU,
+                        k,
+                        neighbours_of=neighbours_of,
+                        include_positive=include_positive,
+                    )
+                    ball = ball_loss(
+                        views.double(),
+                        bank.double(),
+                        idx,
+                        TAU,
+                        k,
+                        neighbours_of=neighbours_of,
+                        include_positive=include_positive,
+                    )
                     assert abs(float(la - ball)) < 1e-10, (neighbours_of, include_positive, k)
-                    la32 = la_loss(views, bank, idx, singletons, TAU, k, neighbours_of=neighbours_of,
-                                   include_positive=include_positive)
-                    ball32 = ball_loss(views, bank, idx, TAU, k, neighbours_of=neighbours_of,
-                                       include_positive=include_positive)
+                    la32 = la_loss(
+                        views,
+                        bank,
+                        idx,
+                        singletons,
+                        TAU,
+                        k,
+                        neighbours_of=neighbours_of,
+                        include_positive=include_positive,
+                    )
+                    ball32 = ball_loss(
+                        views,
+                        bank,
+                        idx,
+                        TAU,
+                        k,
+                        neighbours_of=neighbours_of,
+                        include_positive=include_positive,
+                    )
                     assert abs(float(la32 - ball32)) < 1e-4
 
 
@@ -288,9 +338,14 @@ def test_close_set_is_the_union_over_clusterings(data):
         assert (current <= previous + 1e-6).all()
         previous = current
     one_cluster = torch.zeros(1, bank.shape[0], dtype=torch.long)
-    assert torch.allclose(la_loss(z, bank, idx, one_cluster, k_background=60), torch.tensor(0.0), atol=1e-6)
-    assert torch.allclose(la_loss(z, bank, idx, torch.cat([labels, one_cluster]), k_background=60),
-                          torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(
+        la_loss(z, bank, idx, one_cluster, k_background=60), torch.tensor(0.0), atol=1e-6
+    )
+    assert torch.allclose(
+        la_loss(z, bank, idx, torch.cat([labels, one_cluster]), k_background=60),
+        torch.tensor(0.0),
+        atol=1e-6,
+    )
 
 
 def test_corollary_5_4_1_which_inequality_holds(data):
@@ -308,11 +363,12 @@ def test_corollary_5_4_1_which_inequality_holds(data):
     bank, _, labels, z, idx = data
     k = 80
     la = la_loss(z, bank, idx, labels, k_background=k, reduction="none").double()
-    simple = la_loss(z, bank, idx, torch.arange(bank.shape[0]).unsqueeze(0), k_background=k,
-                     reduction="none").double()
+    simple = la_loss(
+        z, bank, idx, torch.arange(bank.shape[0]).unsqueeze(0), k_background=k, reduction="none"
+    ).double()
     size = close_in_background_count(z, bank, idx, labels, k).double()
-    assert (la >= 0).all()                                        # L^LA <= 0 <= I(X; X)
-    assert (la <= simple + 1e-6).all()                            # L^LA >= L^LA-SIMPLE
+    assert (la >= 0).all()  # L^LA <= 0 <= I(X; X)
+    assert (la <= simple + 1e-6).all()  # L^LA >= L^LA-SIMPLE
     assert (la[size > 1] < simple[size > 1] - 1e-3).all()
     assert (size > 1).sum() >= len(idx) // 2
     # mean-normalised version: holds here, where each view is nearest its own entry
@@ -320,12 +376,18 @@ def test_corollary_5_4_1_which_inequality_holds(data):
     assert (-la - torch.log(size) <= -simple + 1e-6).all()
     # ... and fails when the view sits on a cluster-mate j instead of on M[i]
     i = int(idx[0])
-    mates = torch.nonzero((labels[:, i:i + 1] == labels).any(dim=0)).flatten()
+    mates = torch.nonzero((labels[:, i : i + 1] == labels).any(dim=0)).flatten()
     j = int(mates[mates != i][0])
-    z_mate = bank[j:j + 1].clone()
+    z_mate = bank[j : j + 1].clone()
     la_j = la_loss(z_mate, bank, idx[:1], labels, k_background=k, reduction="none").double()
-    simple_j = la_loss(z_mate, bank, idx[:1], torch.arange(bank.shape[0]).unsqueeze(0),
-                       k_background=k, reduction="none").double()
+    simple_j = la_loss(
+        z_mate,
+        bank,
+        idx[:1],
+        torch.arange(bank.shape[0]).unsqueeze(0),
+        k_background=k,
+        reduction="none",
+    ).double()
     size_j = close_in_background_count(z_mate, bank, idx[:1], labels, k).double()
     assert (-la_j - torch.log(size_j) > -simple_j).all()
 
@@ -338,11 +400,15 @@ def test_cluster_ids_of_any_integer_dtype_and_size(data):
     bank, _, labels, z, idx = data
     expected = la_loss(z, bank, idx, labels, k_background=60, reduction="none")
     for dtype in (torch.int32, torch.int16):
-        assert torch.equal(la_loss(z, bank, idx, labels.to(dtype), k_background=60, reduction="none"), expected)
+        assert torch.equal(
+            la_loss(z, bank, idx, labels.to(dtype), k_background=60, reduction="none"), expected
+        )
     split = labels + 2**32 * (torch.arange(bank.shape[0]) % 2)
     got = la_loss(z, bank, idx, split, k_background=60, include_positive=False, reduction="none")
-    assert torch.allclose(got.double(), la_code_reference(z, bank, idx, split, TAU, 60), atol=1e-5, rtol=0)
-    assert (got > expected + 1e-3).any()                           # smaller C_i: larger loss somewhere
+    assert torch.allclose(
+        got.double(), la_code_reference(z, bank, idx, split, TAU, 60), atol=1e-5, rtol=0
+    )
+    assert (got > expected + 1e-3).any()  # smaller C_i: larger loss somewhere
 
 
 def test_autocast_does_not_lower_the_precision(data):
@@ -363,15 +429,30 @@ def test_autocast_does_not_lower_the_precision(data):
 def test_neighbours_of_bank_versus_z(data):
     bank, _, labels, z, idx = data
     exact_views = bank[idx]
-    assert torch.equal(la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="z"),
-                       la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="bank"))
+    assert torch.equal(
+        la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="z"),
+        la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="bank"),
+    )
     noisy, _ = views_of(bank, batch=24, noise=0.6, seed=1)
     by_z = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="z", reduction="none")
-    by_m = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="bank", reduction="none")
+    by_m = la_loss(
+        noisy, bank, idx, labels, k_background=30, neighbours_of="bank", reduction="none"
+    )
     assert not torch.allclose(by_z, by_m)
     # With B_i around M[i], i itself is always in B_i: include_positive is moot.
-    assert torch.equal(by_m, la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="bank",
-                                     include_positive=False, reduction="none"))
+    assert torch.equal(
+        by_m,
+        la_loss(
+            noisy,
+            bank,
+            idx,
+            labels,
+            k_background=30,
+            neighbours_of="bank",
+            include_positive=False,
+            reduction="none",
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -394,7 +475,7 @@ def test_low_precision_inputs_stay_finite(data, dtype):
 
 def test_gradient_reaches_z_only_and_matches_autograd(data):
     bank, _, labels, z, idx = data
-    bank = bank.clone().requires_grad_()            # even if a caller forgets to detach
+    bank = bank.clone().requires_grad_()  # even if a caller forgets to detach
     z_leaf = z.clone().requires_grad_()
     la_loss(z_leaf, bank, idx, labels, k_background=50).backward()
     assert bank.grad is None
@@ -403,8 +484,11 @@ def test_gradient_reaches_z_only_and_matches_autograd(data):
     z64 = z[:6].double().requires_grad_()
     bank64 = bank.detach().double()
     assert torch.autograd.gradcheck(
-        lambda v: la_loss(v, bank64, idx[:6], labels, k_background=40, reduction="none"), (z64,),
-        eps=1e-6, atol=1e-6)
+        lambda v: la_loss(v, bank64, idx[:6], labels, k_background=40, reduction="none"),
+        (z64,),
+        eps=1e-6,
+        atol=1e-6,
+    )
 
 
 class _LargeTensors(TorchDispatchMode):
@@ -417,8 +501,11 @@ class _LargeTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t) and t.untyped_storage().nbytes() >= self.threshold * t.element_size():
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (
+                torch.is_tensor(t)
+                and t.untyped_storage().nbytes() >= self.threshold * t.element_size()
+            ):
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
@@ -427,7 +514,7 @@ class _LargeTensors(TorchDispatchMode):
 def test_only_the_similarities_are_batch_by_bank(neighbours_of, expected):
     """The one [B, N] tensor is z @ M^T (two of them, one after the other, for
     neighbours_of='bank'); no [B, N] mask, and none in the backward pass."""
-    batch, n, d = 16, 4000, 8                       # d < B: the bank itself stays below B * N
+    batch, n, d = 16, 4000, 8  # d < B: the bank itself stays below B * N
     g = torch.Generator().manual_seed(0)
     bank = F.normalize(torch.randn(n, d, generator=g), dim=1)
     labels = torch.randint(0, 40, (10, n), generator=g)
@@ -445,8 +532,8 @@ def test_la_loss_bad_inputs(data):
     bank, _, labels, z, idx = data
     n = bank.shape[0]
     cases = [
-        (dict(cluster_labels=labels[0]), "cluster_labels"),                  # [N], not [H, N]
-        (dict(cluster_labels=labels[:, :-1]), "cluster_labels"),             # [H, N-1]
+        (dict(cluster_labels=labels[0]), "cluster_labels"),  # [N], not [H, N]
+        (dict(cluster_labels=labels[:, :-1]), "cluster_labels"),  # [H, N-1]
         (dict(cluster_labels=labels.float()), "cluster_labels"),
         (dict(cluster_labels=labels.to("meta")), "device"),
         (dict(k_background=n + 1), "k_background"),
@@ -498,13 +585,18 @@ except ImportError as error:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "inputs.pt"
         torch.save((z, bank, idx, labels), path)
-        result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1], timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=120,
+        )
     assert result.returncode == 0, result.stderr
     losses, has_gpu, warned, error = result.stdout.strip().splitlines()
     assert torch.equal(torch.tensor(eval(losses)), expected)
     assert has_gpu == "False"
-    assert warned == "True 1"                         # a GPU bank and no GPU faiss: the warning, once
+    assert warned == "True 1"  # a GPU bank and no GPU faiss: the warning, once
     assert error.startswith("ImportError:") and "faiss" in error and "pip install" in error
 
 
@@ -513,10 +605,15 @@ def test_run_kmeans_spread_over_ranks_gives_the_labels_of_one_process():
     bank, _ = clustered_bank(n=300, d=8, classes=6)
     every = run_kmeans(bank, 6, num_clusterings=5, seed=3, verbose=False)
     for world in (2, 3):
-        parts = {h: row for r in range(world)
-                 for h, row in zip(range(r, 5, world),
-                                   run_kmeans(bank, 6, 5, seed=3, verbose=False,
-                                              clusterings=range(r, 5, world)), strict=True)}
+        parts = {
+            h: row
+            for r in range(world)
+            for h, row in zip(
+                range(r, 5, world),
+                run_kmeans(bank, 6, 5, seed=3, verbose=False, clusterings=range(r, 5, world)),
+                strict=True,
+            )
+        }
         assert torch.equal(torch.stack([parts[h] for h in range(5)]), every)
     with pytest.raises(ValueError, match="clusterings"):
         run_kmeans(bank, 6, 5, clusterings=[5], verbose=False)

@@ -273,7 +273,9 @@ def test_renormalization_slows_the_decay_as_predicted(alpha):
         bank.update(torch.tensor([0]), torch.eye(steps + 1)[t : t + 1], alpha)
     w = bank.vectors[0, 1:].double().flip(0)
     ratios = w[1:6] / w[:5]
-    torch.testing.assert_close(ratios, torch.full((5,), renormalized_decay(alpha), dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        ratios, torch.full((5,), renormalized_decay(alpha), dtype=torch.float64), rtol=1e-5, atol=0
+    )
     assert renormalized_decay(alpha) > alpha
     assert renormalized_decay(alpha, cos=1.0) == pytest.approx(alpha)
 
@@ -282,7 +284,11 @@ def test_demo_runs_and_prints_the_table(capsys):
     memory_bank.main(["--updates", "60", "--dim", "8"])
     out = capsys.readouterr().out
     assert "n_alpha(0.99)" in out and "alpha = 0" in out
-    rows = [line for line in out.splitlines() if line.strip().startswith(("0 |", "0.5 |", "0.9 |", "0.99 |"))]
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.strip().startswith(("0 |", "0.5 |", "0.9 |", "0.99 |"))
+    ]
     assert len(rows) == 4
     with pytest.raises(SystemExit):
         memory_bank.main(["--alphas", "1.0"])
