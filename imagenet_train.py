@@ -113,90 +113,236 @@ def build_parser():
     p = _ArgumentParser(
         description="IR / BALL / ANN / LA on an ImageFolder (Section 5.3, Figure 2, Appendix D). "
         "Run with no arguments for a 1-minute CPU demo on generated images.",
-        formatter_class=_HelpFormatter)
+        formatter_class=_HelpFormatter,
+    )
     a = p.add_argument
-    a("--data", default=None, help="ImageFolder root holding train/CLASS/*.jpg and val/CLASS/*.jpg; "
-      "class folders give the labels used only by kNN / linear evaluation")
+    a(
+        "--data",
+        default=None,
+        help="ImageFolder root holding train/CLASS/*.jpg and val/CLASS/*.jpg; "
+        "class folders give the labels used only by kNN / linear evaluation",
+    )
     a("--out-dir", default="runs/default", help="where ckpt.pt and log.jsonl go (rank 0 writes)")
     # --- objective (Section 5.3) ---
-    a("--algo", choices=["ir", "ball", "ann", "la"], default="ir",
-      help="ir: Eq. 6 over the whole bank; ball: Def. 5.2 (negatives = background set B_i); "
-      "ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8 (C_i from k-means)")
+    a(
+        "--algo",
+        choices=["ir", "ball", "ann", "la"],
+        default="ir",
+        help="ir: Eq. 6 over the whole bank; ball: Def. 5.2 (negatives = background set B_i); "
+        "ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8 (C_i from k-means)",
+    )
     a("--tau", type=float, default=0.07, help="temperature tau of Eq. 6 (App. D: 0.07)")
-    a("--alpha", type=float, default=0.5, help="memory bank update rate alpha of Eq. 7, in [0, 1) "
-      "(App. D calls it t, Fig. 2c calls it m; 0 = the bank keeps only last epoch's view)")
-    a("--dim", type=int, default=128, help="representation dimension d: ResNet-18 'classes' (App. D)")
-    a("--k-background", type=int, default=None, help="|B_i|: nearest bank entries forming the background "
-      "set of BALL / ANN / LA (default: App. D's 4096, or N if the train set has fewer images)")
-    a("--k-close", type=int, default=None, help="ANN only: size of the close set C_i removed from B_i "
-      "(default: instance_disc.ann_loss's, k_background // 10)")
-    a("--neighbours-of", choices=["z", "bank"], default="z", help="BALL/ANN/LA: B_i = nearest bank rows to "
-      "the current embedding z (LA code) or to M[i] (the paper's wording in Sec. 5.3; one more matmul)")
-    a("--kmeans-k", type=int, default=None, help="LA: clusters per k-means (default: App. D's 30000, or N if "
-      "the train set has fewer images)")
-    a("--n-kmeans", type=int, default=10, help="LA: k-means runs with different seeds; C_i = union of "
-      "i's clusters (App. D: 10)")
-    a("--init-from", default=None, help="BALL / ANN / LA: start model and bank from this IR checkpoint "
-      "(Fig. 2a: all three continue 10 epochs of IR; App. D: LA starts from 10 epochs of IR); "
-      "excludes --la-warmup-epochs")
-    a("--la-warmup-epochs", type=int, default=None, help="LA without --init-from: epochs of IR before "
-      "switching to LA (default: 10, App. D)")
+    a(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="memory bank update rate alpha of Eq. 7, in [0, 1) "
+        "(App. D calls it t, Fig. 2c calls it m; 0 = the bank keeps only last epoch's view)",
+    )
+    a(
+        "--dim",
+        type=int,
+        default=128,
+        help="representation dimension d: ResNet-18 'classes' (App. D)",
+    )
+    a(
+        "--k-background",
+        type=int,
+        default=None,
+        help="|B_i|: nearest bank entries forming the background "
+        "set of BALL / ANN / LA (default: App. D's 4096, or N if the train set has fewer images)",
+    )
+    a(
+        "--k-close",
+        type=int,
+        default=None,
+        help="ANN only: size of the close set C_i removed from B_i "
+        "(default: instance_disc.ann_loss's, k_background // 10)",
+    )
+    a(
+        "--neighbours-of",
+        choices=["z", "bank"],
+        default="z",
+        help="BALL/ANN/LA: B_i = nearest bank rows to "
+        "the current embedding z (LA code) or to M[i] (the paper's wording in Sec. 5.3; one more matmul)",
+    )
+    a(
+        "--kmeans-k",
+        type=int,
+        default=None,
+        help="LA: clusters per k-means (default: App. D's 30000, or N if "
+        "the train set has fewer images)",
+    )
+    a(
+        "--n-kmeans",
+        type=int,
+        default=10,
+        help="LA: k-means runs with different seeds; C_i = union of i's clusters (App. D: 10)",
+    )
+    a(
+        "--init-from",
+        default=None,
+        help="BALL / ANN / LA: start model and bank from this IR checkpoint "
+        "(Fig. 2a: all three continue 10 epochs of IR; App. D: LA starts from 10 epochs of IR); "
+        "excludes --la-warmup-epochs",
+    )
+    a(
+        "--la-warmup-epochs",
+        type=int,
+        default=None,
+        help="LA without --init-from: epochs of IR before switching to LA (default: 10, App. D)",
+    )
     # --- optimisation (Appendix D) ---
     a("--lr", type=float, default=0.03, help="SGD learning rate (App. D: 0.03)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (App. D: 0.9)")
     a("--weight-decay", type=float, default=1e-4, help="SGD weight decay (App. D: 1e-4)")
-    a("--batch-size", type=int, default=None, help="GLOBAL batch size, split evenly over the ranks (default: "
-      "App. D's 256, or the largest that fits a smaller train set)")
-    a("--patience", type=int, default=10, help="epochs without a better val knn_top1 before the LR drops "
-      "(App. D: 10; Fig. 2b runs: 10)")
+    a(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="GLOBAL batch size, split evenly over the ranks (default: "
+        "App. D's 256, or the largest that fits a smaller train set)",
+    )
+    a(
+        "--patience",
+        type=int,
+        default=10,
+        help="epochs without a better val knn_top1 before the LR drops "
+        "(App. D: 10; Fig. 2b runs: 10)",
+    )
     a("--lr-factor", type=float, default=0.1, help="LR multiplier at each drop (App. D: 10x)")
-    a("--lr-drops", type=int, default=2, help="LR drops before the next plateau ends training (App. D: 2)")
-    a("--epochs", type=int, default=200, help="hard cap on epochs (the plateau rule usually stops first)")
+    a(
+        "--lr-drops",
+        type=int,
+        default=2,
+        help="LR drops before the next plateau ends training (App. D: 2)",
+    )
+    a(
+        "--epochs",
+        type=int,
+        default=200,
+        help="hard cap on epochs (the plateau rule usually stops first)",
+    )
     # --- views (Figure 2b lesions) ---
-    a("--image-size", type=int, default=224, help="training crop side (App. D: 224); test: resize "
-      "side*256/224 then center crop")
-    a("--crop-min-scale", type=float, default=0.2, help="smallest area fraction of RandomResizedCrop")
-    a("--jitter", type=float, default=0.4, help="ColorJitter strength for brightness/contrast/saturation/hue")
-    a("--no-crop", action="store_true", help="Fig. 2b lesion: no random resized crop (resize + center crop)")
+    a(
+        "--image-size",
+        type=int,
+        default=224,
+        help="training crop side (App. D: 224); test: resize side*256/224 then center crop",
+    )
+    a(
+        "--crop-min-scale",
+        type=float,
+        default=0.2,
+        help="smallest area fraction of RandomResizedCrop",
+    )
+    a(
+        "--jitter",
+        type=float,
+        default=0.4,
+        help="ColorJitter strength for brightness/contrast/saturation/hue",
+    )
+    a(
+        "--no-crop",
+        action="store_true",
+        help="Fig. 2b lesion: no random resized crop (resize + center crop)",
+    )
     a("--no-gray", action="store_true", help="Fig. 2b lesion: no random grayscale")
     a("--no-jitter", action="store_true", help="Fig. 2b lesion: no color jitter")
     a("--no-flip", action="store_true", help="Fig. 2b lesion: no horizontal flip")
     a("--no-aug", action="store_true", help="Fig. 2b: no augmentation at all (the 2%% run)")
     # --- evaluation ---
-    a("--knn-k", type=int, default=None, help="neighbours of the weighted kNN evaluation (default: Wu et al.'s "
-      "200, or N if the train set has fewer images)")
+    a(
+        "--knn-k",
+        type=int,
+        default=None,
+        help="neighbours of the weighted kNN evaluation (default: Wu et al.'s "
+        "200, or N if the train set has fewer images)",
+    )
     a("--knn-tau", type=float, default=0.07, help="kNN vote weight exp(cos/knn_tau)")
-    a("--eval-linear", action="store_true", help="after training, fit a linear classifier on frozen "
-      "features and report linear_top1 / linear_top5 (the transfer accuracy Figure 2's text describes)")
-    a("--linear-features", choices=["pool", "embedding"], default="pool",
-      help="frozen features for the linear probe: 512-d pooled conv5 or the 128-d embedding")
+    a(
+        "--eval-linear",
+        action="store_true",
+        help="after training, fit a linear classifier on frozen "
+        "features and report linear_top1 / linear_top5 (the transfer accuracy Figure 2's text describes)",
+    )
+    a(
+        "--linear-features",
+        choices=["pool", "embedding"],
+        default="pool",
+        help="frozen features for the linear probe: 512-d pooled conv5 or the 128-d embedding",
+    )
     a("--linear-epochs", type=int, default=30, help="epochs of the linear probe")
     a("--linear-lr", type=float, default=0.1, help="linear probe SGD learning rate (cosine decay)")
     # --- system ---
-    a("--device", default="auto", help="auto | cpu | cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
-    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-      help="CUDA autocast dtype; auto = bf16 where supported else fp16 (+GradScaler); fp32 on CPU. "
-      "Losses are always fp32.")
+    a(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda (under torchrun each rank takes cuda:LOCAL_RANK)",
+    )
+    a(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="CUDA autocast dtype; auto = bf16 where supported else fp16 (+GradScaler); fp32 on CPU. "
+        "Losses are always fp32.",
+    )
     a("--workers", type=int, default=8, help="DataLoader worker processes per rank (persistent)")
     a("--seed", type=int, default=0, help="seed for model, bank, sampler and k-means")
-    a("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (model, optimizer, LR state, "
-      "bank, cluster labels, epoch, step, best metric)")
-    a("--log-every", type=int, default=50, help="steps between progress lines; also how often the loop "
-      "waits for the GPU to check for a non-finite loss and (under torchrun) for a stop signal")
-    a("--no-image-check", action="store_true", help="skip opening every image header before training")
+    a(
+        "--resume",
+        action="store_true",
+        help="continue from OUT_DIR/ckpt.pt (model, optimizer, LR state, "
+        "bank, cluster labels, epoch, step, best metric)",
+    )
+    a(
+        "--log-every",
+        type=int,
+        default=50,
+        help="steps between progress lines; also how often the loop "
+        "waits for the GPU to check for a non-finite loss and (under torchrun) for a stop signal",
+    )
+    a(
+        "--no-image-check",
+        action="store_true",
+        help="skip opening every image header before training",
+    )
     # --- outputs other than training ---
-    a("--plot", nargs="+", default=None, metavar="LOG", help="draw Figure 2's three panels (accuracy per "
-      "epoch) from these log.jsonl files (no training)")
+    a(
+        "--plot",
+        nargs="+",
+        default=None,
+        metavar="LOG",
+        help="draw Figure 2's three panels (accuracy per "
+        "epoch) from these log.jsonl files (no training)",
+    )
     a("--plot-out", default="fig2.png", help="image written by --plot")
-    a("--plot-paper", action="store_true", help="--plot: also mark the values read off the paper's Figure 2")
-    a("--benchmark", action="store_true", help="time 200 synthetic steps of IR and of LA with a full "
-      "ImageNet-sized bank and one k-means (for the GPU; no data needed)")
+    a(
+        "--plot-paper",
+        action="store_true",
+        help="--plot: also mark the values read off the paper's Figure 2",
+    )
+    a(
+        "--benchmark",
+        action="store_true",
+        help="time 200 synthetic steps of IR and of LA with a full "
+        "ImageNet-sized bank and one k-means (for the GPU; no data needed)",
+    )
     a("--bench-steps", type=int, default=200, help="timed steps per algorithm in --benchmark")
     a("--bench-bank", type=int, default=IMAGENET_TRAIN_SIZE, help="bank rows in --benchmark")
     # --- test hooks ---
-    a("--debug-bank-dump", default=None, help="each rank writes its final bank and the number of Eq. 7 "
-      "updates of every row (this process's epochs) to DIR/bank_rank{R}.pt")
-    a("--debug-nan-step", type=int, default=None, help="make the loss NaN at this global step (tests)")
+    a(
+        "--debug-bank-dump",
+        default=None,
+        help="each rank writes its final bank and the number of Eq. 7 "
+        "updates of every row (this process's epochs) to DIR/bank_rank{R}.pt",
+    )
+    a(
+        "--debug-nan-step",
+        type=int,
+        default=None,
+        help="make the loss NaN at this global step (tests)",
+    )
     return p
 
 
@@ -204,33 +350,55 @@ def check_args(args, world_size):
     """Reject impossible or contradictory flags before anything is built (a UserError naming the flag).
     The data-sized flags (APP_D_DATA_SIZED) are checked here only when given; check_sizes checks them
     against the train set once it is known."""
+
     def need(ok, msg):
         if not ok:
             raise UserError(msg)
+
     def given(name):
         return getattr(args, name) is not None
+
     need(args.tau > 0, f"--tau must be > 0, got {args.tau}")
     need(0.0 <= args.alpha < 1.0, f"--alpha must be in [0, 1) (Eq. 7), got {args.alpha}")
     need(args.dim >= 1, f"--dim must be >= 1, got {args.dim}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     need(0.0 <= args.momentum < 1.0, f"--momentum must be in [0, 1), got {args.momentum}")
     need(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
-    need(not given("batch_size") or args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    need(not given("batch_size") or args.batch_size % world_size == 0, f"--batch-size {args.batch_size} is "
-         f"the global batch and must be divisible by the world size {world_size}")
+    need(
+        not given("batch_size") or args.batch_size >= 1,
+        f"--batch-size must be >= 1, got {args.batch_size}",
+    )
+    need(
+        not given("batch_size") or args.batch_size % world_size == 0,
+        f"--batch-size {args.batch_size} is "
+        f"the global batch and must be divisible by the world size {world_size}",
+    )
     need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
     need(args.patience >= 1, f"--patience must be >= 1, got {args.patience}")
     need(0.0 < args.lr_factor < 1.0, f"--lr-factor must be in (0, 1), got {args.lr_factor}")
     need(args.lr_drops >= 0, f"--lr-drops must be >= 0, got {args.lr_drops}")
-    need(args.image_size >= 32, f"--image-size must be >= 32 (ResNet-18 downsamples 32x), got {args.image_size}")
-    need(0.0 < args.crop_min_scale <= 1.0, f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
+    need(
+        args.image_size >= 32,
+        f"--image-size must be >= 32 (ResNet-18 downsamples 32x), got {args.image_size}",
+    )
+    need(
+        0.0 < args.crop_min_scale <= 1.0,
+        f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}",
+    )
     need(args.jitter >= 0, f"--jitter must be >= 0, got {args.jitter}")
-    need(not given("k_background") or args.k_background >= 1, f"--k-background must be >= 1, got {args.k_background}")
+    need(
+        not given("k_background") or args.k_background >= 1,
+        f"--k-background must be >= 1, got {args.k_background}",
+    )
     need(args.k_close is None or args.k_close >= 0, f"--k-close must be >= 0, got {args.k_close}")
-    need(args.k_close is None or not given("k_background") or args.k_close < args.k_background,
-         f"--k-close must be in [0, --k-background={args.k_background}), got {args.k_close}")
+    need(
+        args.k_close is None or not given("k_background") or args.k_close < args.k_background,
+        f"--k-close must be in [0, --k-background={args.k_background}), got {args.k_close}",
+    )
     need(args.k_close is None or args.algo == "ann", "--k-close only applies to --algo ann")
-    need(not given("kmeans_k") or args.kmeans_k >= 1, f"--kmeans-k must be >= 1, got {args.kmeans_k}")
+    need(
+        not given("kmeans_k") or args.kmeans_k >= 1, f"--kmeans-k must be >= 1, got {args.kmeans_k}"
+    )
     need(args.n_kmeans >= 1, f"--n-kmeans must be >= 1, got {args.n_kmeans}")
     need(not given("knn_k") or args.knn_k >= 1, f"--knn-k must be >= 1, got {args.knn_k}")
     need(args.knn_tau > 0, f"--knn-tau must be > 0, got {args.knn_tau}")
@@ -240,15 +408,28 @@ def check_args(args, world_size):
     need(args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}")
     need(args.bench_steps >= 1, f"--bench-steps must be >= 1, got {args.bench_steps}")
     need(args.bench_bank >= 2, f"--bench-bank must be >= 2, got {args.bench_bank}")
-    need(args.init_from is None or args.algo != "ir", "--init-from starts BALL, ANN or LA from an IR "
-         "checkpoint; it does not apply to --algo ir (continue an IR run with --resume)")
-    need(not (args.init_from and args.resume), "--init-from and --resume exclude each other "
-         "(--resume continues this run's own checkpoint)")
-    need(args.la_warmup_epochs is None or args.algo == "la", "--la-warmup-epochs only applies to --algo la")
-    need(not (args.init_from and args.la_warmup_epochs), "--init-from replaces the IR warm-up; "
-         "do not also pass --la-warmup-epochs > 0")
-    need(args.la_warmup_epochs is None or args.la_warmup_epochs >= 0,
-         f"--la-warmup-epochs must be >= 0, got {args.la_warmup_epochs}")
+    need(
+        args.init_from is None or args.algo != "ir",
+        "--init-from starts BALL, ANN or LA from an IR "
+        "checkpoint; it does not apply to --algo ir (continue an IR run with --resume)",
+    )
+    need(
+        not (args.init_from and args.resume),
+        "--init-from and --resume exclude each other "
+        "(--resume continues this run's own checkpoint)",
+    )
+    need(
+        args.la_warmup_epochs is None or args.algo == "la",
+        "--la-warmup-epochs only applies to --algo la",
+    )
+    need(
+        not (args.init_from and args.la_warmup_epochs),
+        "--init-from replaces the IR warm-up; do not also pass --la-warmup-epochs > 0",
+    )
+    need(
+        args.la_warmup_epochs is None or args.la_warmup_epochs >= 0,
+        f"--la-warmup-epochs must be >= 0, got {args.la_warmup_epochs}",
+    )
 
 
 def largest_fitting_batch(n_train, world_size, image_size, cap):
@@ -265,35 +446,54 @@ def fit_defaults_to_data(args, n_train, world_size, algos=None):
     value that fits N train images.  Returns the one line saying what was lowered for the algorithms
     `algos` (default: --algo) would use, or None if nothing was."""
     algos = algos or (args.algo,)
-    largest = dict(batch_size=largest_fitting_batch(n_train, world_size, args.image_size,
-                                                    APP_D_DATA_SIZED["batch_size"]),
-                   k_background=n_train, kmeans_k=n_train, knn_k=n_train)
-    used = {"batch_size", "knn_k"} | ({"k_background"} if set(algos) - {"ir"} else set()) | (
-        {"kmeans_k"} if "la" in algos else set())
+    largest = dict(
+        batch_size=largest_fitting_batch(
+            n_train, world_size, args.image_size, APP_D_DATA_SIZED["batch_size"]
+        ),
+        k_background=n_train,
+        kmeans_k=n_train,
+        knn_k=n_train,
+    )
+    used = (
+        {"batch_size", "knn_k"}
+        | ({"k_background"} if set(algos) - {"ir"} else set())
+        | ({"kmeans_k"} if "la" in algos else set())
+    )
     lowered = []
     for name, app_d in APP_D_DATA_SIZED.items():
         if getattr(args, name) is None:
             setattr(args, name, min(app_d, largest[name]))
             if getattr(args, name) < app_d and name in used:
-                lowered.append(f"--{name.replace('_', '-')} {getattr(args, name)} (App. D: {app_d})")
+                lowered.append(
+                    f"--{name.replace('_', '-')} {getattr(args, name)} (App. D: {app_d})"
+                )
     if not lowered:
         return None
     if any(text.startswith("--kmeans-k") for text in lowered) and args.kmeans_k == n_train:
         lowered.append("so every image is its own cluster and LA trains as BALL (Thm. 5.4)")
-    return f"defaults lowered to fit the {n_train} train images (pass a flag to choose): " + ", ".join(lowered)
+    return (
+        f"defaults lowered to fit the {n_train} train images (pass a flag to choose): "
+        + ", ".join(lowered)
+    )
 
 
 def check_sizes(args, n_train, world_size):
     """Flags that depend on the train set size N (the number of bank rows); values the user typed that
     do not fit are errors (defaults were fitted by fit_defaults_to_data)."""
     if n_train < world_size:
-        raise UserError(f"--data: {n_train} train images cannot be split over {world_size} processes")
+        raise UserError(
+            f"--data: {n_train} train images cannot be split over {world_size} processes"
+        )
     if args.batch_size > n_train:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the train set ({n_train} images)")
+        raise UserError(
+            f"--batch-size {args.batch_size} is larger than the train set ({n_train} images)"
+        )
     if args.algo in ("ball", "ann", "la") and args.k_background > n_train:
         raise UserError(f"--k-background {args.k_background} must be <= N = {n_train} train images")
     if args.k_close is not None and args.k_close >= args.k_background:
-        raise UserError(f"--k-close must be in [0, --k-background={args.k_background}), got {args.k_close}")
+        raise UserError(
+            f"--k-close must be in [0, --k-background={args.k_background}), got {args.k_close}"
+        )
     if args.algo == "la" and args.kmeans_k > n_train:
         raise UserError(f"--kmeans-k {args.kmeans_k} must be <= N = {n_train} train images")
     if args.knn_k > n_train:
@@ -302,8 +502,10 @@ def check_sizes(args, n_train, world_size):
     # (image side < 64) crashes in training mode.  Say so now rather than at the end of epoch 1.
     local_n, local_b = math.ceil(n_train / world_size), args.batch_size // world_size
     if args.image_size < 64 and local_n % local_b == 1:
-        raise UserError(f"--batch-size {args.batch_size}: each rank's last batch would hold one image, which "
-                        f"BatchNorm rejects at --image-size {args.image_size} < 64; pick another batch size")
+        raise UserError(
+            f"--batch-size {args.batch_size}: each rank's last batch would hold one image, which "
+            f"BatchNorm rejects at --image-size {args.image_size} < 64; pick another batch size"
+        )
 
 
 def check_out_dir(path):
@@ -313,14 +515,23 @@ def check_out_dir(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise UserError(f"--out-dir {path!r} is not a writable folder ({err.strerror or err})") from err
+        raise UserError(
+            f"--out-dir {path!r} is not a writable folder ({err.strerror or err})"
+        ) from err
 
 
 # -----------------------------------------------------------------------------
 # Data: ImageFolder that also returns the index i of M[i]; views = augmentations.
 # -----------------------------------------------------------------------------
-def train_transform(image_size, crop=True, gray=True, jitter=True, flip=True, crop_min_scale=0.2,
-                    jitter_strength=0.4):
+def train_transform(
+    image_size,
+    crop=True,
+    gray=True,
+    jitter=True,
+    flip=True,
+    crop_min_scale=0.2,
+    jitter_strength=0.4,
+):
     """The view set v_x of IR / LA (Section 5.3 and App. D): random resized crop to image_size,
     random grayscale p=0.2, color jitter, horizontal flip, ImageNet normalisation.  Each flag off
     is one lesion of Figure 2b; all off leaves a deterministic resize + center crop (one view)."""
@@ -333,7 +544,9 @@ def train_transform(image_size, crop=True, gray=True, jitter=True, flip=True, cr
         ops.append(transforms.RandomGrayscale(p=0.2))
     if jitter:
         s = jitter_strength
-        ops.append(transforms.ColorJitter(s, s, s, min(s, 0.5)))  # hue is capped at 0.5 by torchvision
+        ops.append(
+            transforms.ColorJitter(s, s, s, min(s, 0.5))
+        )  # hue is capped at 0.5 by torchvision
     if flip:
         ops.append(transforms.RandomHorizontalFlip())
     ops += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -343,9 +556,14 @@ def train_transform(image_size, crop=True, gray=True, jitter=True, flip=True, cr
 def test_transform(image_size):
     """App. D: resize to 256, center crop 224, normalise; scaled by image_size/224 for small runs.
     (The paper writes "256 by 256"; like its references we resize the SHORTER side to 256.)"""
-    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)),
-                               transforms.CenterCrop(image_size), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class IndexedImageFolder(ImageFolder):
@@ -357,8 +575,12 @@ class IndexedImageFolder(ImageFolder):
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except Exception as err:  # a file whose header passed the check but whose pixels do not decode
-            raise UserError(f"--data: unreadable image {path} ({type(err).__name__}: {err})") from err
+        except (
+            Exception
+        ) as err:  # a file whose header passed the check but whose pixels do not decode
+            raise UserError(
+                f"--data: unreadable image {path} ({type(err).__name__}: {err})"
+            ) from err
         return self.transform(image), target, index
 
 
@@ -374,21 +596,41 @@ def load_datasets(args, rank=0, world_size=1):
         raise UserError(f"--data {root!r}: folder not found")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
-            raise UserError(f"--data {root!r} has no {split}/ folder (expected {split}/CLASS/IMAGE files)")
+            raise UserError(
+                f"--data {root!r} has no {split}/ folder (expected {split}/CLASS/IMAGE files)"
+            )
     train_classes = _class_folders(os.path.join(root, "train"))
     val_classes = _class_folders(os.path.join(root, "val"))
     if not train_classes:
         raise UserError(f"--data: {os.path.join(root, 'train')} is empty (no class folders)")
     if train_classes != val_classes:
-        only_t, only_v = sorted(set(train_classes) - set(val_classes)), sorted(set(val_classes) - set(train_classes))
-        raise UserError(f"--data: train/ and val/ class folders differ: only in train {only_t[:5]}, "
-                        f"only in val {only_v[:5]} ({len(only_t)} and {len(only_v)} in all)")
-    views = dict(crop=not (args.no_crop or args.no_aug), gray=not (args.no_gray or args.no_aug),
-                 jitter=not (args.no_jitter or args.no_aug), flip=not (args.no_flip or args.no_aug))
+        only_t, only_v = (
+            sorted(set(train_classes) - set(val_classes)),
+            sorted(set(val_classes) - set(train_classes)),
+        )
+        raise UserError(
+            f"--data: train/ and val/ class folders differ: only in train {only_t[:5]}, "
+            f"only in val {only_v[:5]} ({len(only_t)} and {len(only_v)} in all)"
+        )
+    views = dict(
+        crop=not (args.no_crop or args.no_aug),
+        gray=not (args.no_gray or args.no_aug),
+        jitter=not (args.no_jitter or args.no_aug),
+        flip=not (args.no_flip or args.no_aug),
+    )
     sets = []
-    for split, tf in (("train", train_transform(args.image_size, crop_min_scale=args.crop_min_scale,
-                                                 jitter_strength=args.jitter, **views)),
-                      ("val", test_transform(args.image_size))):
+    for split, tf in (
+        (
+            "train",
+            train_transform(
+                args.image_size,
+                crop_min_scale=args.crop_min_scale,
+                jitter_strength=args.jitter,
+                **views,
+            ),
+        ),
+        ("val", test_transform(args.image_size)),
+    ):
         try:
             sets.append(IndexedImageFolder(os.path.join(root, split), transform=tf))
         except FileNotFoundError as err:  # a class folder without any image file
@@ -408,6 +650,7 @@ def load_datasets(args, rank=0, world_size=1):
                 return None
             except Exception as err:
                 return f"{path} ({type(err).__name__}: {err})"
+
         with ThreadPoolExecutor(16) as pool:
             found = next((b for b in pool.map(bad, paths) if b), None)
         if dist.is_initialized():
@@ -432,13 +675,17 @@ def make_toy_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=
             os.makedirs(folder, exist_ok=True)
             for j in range(count):
                 freq, phase = rng.uniform(2.5, 4.5), rng.uniform(0, 2 * np.pi)
-                stripes = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+                stripes = np.sin(
+                    2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase
+                )
                 colour_a, colour_b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-                img = np.where(stripes[..., None] > 0, colour_a, colour_b) + 0.1 * rng.standard_normal((size, size, 3))
+                img = np.where(
+                    stripes[..., None] > 0, colour_a, colour_b
+                ) + 0.1 * rng.standard_normal((size, size, 3))
                 Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
-                    os.path.join(folder, f"{split}_{c}_{j:03d}.png"))
+                    os.path.join(folder, f"{split}_{c}_{j:03d}.png")
+                )
     return root
-
 
 
 # -----------------------------------------------------------------------------
@@ -557,15 +804,35 @@ def forward_loss(model, images, idx, algo, bank, cluster_labels, args, amp_ctx):
     if algo == "ir":  # Eq. 6 over all N bank rows
         loss = ir_loss(z, bank.vectors, idx, tau=args.tau)
     elif algo == "ball":  # Definition 5.2
-        loss = ball_loss(z, bank.vectors, idx, tau=args.tau, k_background=args.k_background,
-                         neighbours_of=args.neighbours_of)
+        loss = ball_loss(
+            z,
+            bank.vectors,
+            idx,
+            tau=args.tau,
+            k_background=args.k_background,
+            neighbours_of=args.neighbours_of,
+        )
     elif algo == "ann":  # Definition 5.3
         extra = {} if args.k_close is None else {"k_close": args.k_close}
-        loss = ann_loss(z, bank.vectors, idx, tau=args.tau, k_background=args.k_background,
-                        neighbours_of=args.neighbours_of, **extra)
+        loss = ann_loss(
+            z,
+            bank.vectors,
+            idx,
+            tau=args.tau,
+            k_background=args.k_background,
+            neighbours_of=args.neighbours_of,
+            **extra,
+        )
     else:  # Eq. 8
-        loss = la_loss(z, bank.vectors, idx, cluster_labels, tau=args.tau, k_background=args.k_background,
-                       neighbours_of=args.neighbours_of)
+        loss = la_loss(
+            z,
+            bank.vectors,
+            idx,
+            cluster_labels,
+            tau=args.tau,
+            k_background=args.k_background,
+            neighbours_of=args.neighbours_of,
+        )
     return z, loss
 
 
@@ -601,15 +868,26 @@ def build_step_state(args, device, num_rows, precision):
     mem_fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(args.seed)  # identical initial model and bank on every rank
     raw_model = ResNetEmbedding(args.dim).to(device, memory_format=mem_fmt)
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        raw_model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
     return SimpleNamespace(
-        args=args, device=device, precision=precision, amp_ctx=autocast_context(precision), mem_fmt=mem_fmt,
-        raw_model=raw_model, model=raw_model, optimizer=optimizer,
+        args=args,
+        device=device,
+        precision=precision,
+        amp_ctx=autocast_context(precision),
+        mem_fmt=mem_fmt,
+        raw_model=raw_model,
+        model=raw_model,
+        optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
         bank=MemoryBank(num_rows, args.dim, device=device, seed=args.seed),
-        phase=args.algo, cluster_labels=None, update_counts=None, global_step=0,
-        nonfinite_at=torch.zeros((), dtype=torch.long, device=device))  # first step with a NaN/inf loss; 0: none
+        phase=args.algo,
+        cluster_labels=None,
+        update_counts=None,
+        global_step=0,
+        nonfinite_at=torch.zeros((), dtype=torch.long, device=device),
+    )  # first step with a NaN/inf loss; 0: none
 
 
 def train_step(run, images, idx, keep=None):
@@ -622,7 +900,9 @@ def train_step(run, images, idx, keep=None):
     its inf check on the host every step.)  idx: the dataset indices [B] on the CPU, as the DataLoader
     yields them (MemoryBank.update reads them on the host).  keep: see kept_positions."""
     args = run.args
-    z, loss = forward_loss(run.model, images, idx, run.phase, run.bank, run.cluster_labels, args, run.amp_ctx)
+    z, loss = forward_loss(
+        run.model, images, idx, run.phase, run.bank, run.cluster_labels, args, run.amp_ctx
+    )
     if args.debug_nan_step is not None and run.global_step + 1 == args.debug_nan_step:
         loss = loss * float("nan")  # test hook
     run.optimizer.zero_grad(set_to_none=True)
@@ -641,8 +921,9 @@ def train_step(run, images, idx, keep=None):
         run.update_counts.index_add_(0, written, torch.ones_like(written))
     run.global_step += 1
     # torch.where, not an `if`: an `if` on a GPU value would make the host wait for it.
-    run.nonfinite_at = torch.where(torch.isfinite(loss) | (run.nonfinite_at > 0), run.nonfinite_at,
-                                   run.global_step)
+    run.nonfinite_at = torch.where(
+        torch.isfinite(loss) | (run.nonfinite_at > 0), run.nonfinite_at, run.global_step
+    )
     return loss.detach()
 
 
@@ -669,7 +950,9 @@ def knn_top1(model, loader, bank_vectors, train_labels, num_classes, k, tau, dev
         with amp_ctx:
             z = model(images)
         pred = knn_predict(z, bank_vectors, train_labels, num_classes, k, tau)
-        counts += torch.stack([(pred.cpu() == targets).sum().float(), torch.tensor(float(len(targets)))]).to(device)
+        counts += torch.stack(
+            [(pred.cpu() == targets).sum().float(), torch.tensor(float(len(targets)))]
+        ).to(device)
     model.train()
     if dist.is_initialized():
         dist.all_reduce(counts)
@@ -714,7 +997,6 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs, lr, seed=0
     return hit[:, 0].float().mean().item(), hit.any(dim=1).float().mean().item()
 
 
-
 # -----------------------------------------------------------------------------
 # Checkpoints and logs.
 # -----------------------------------------------------------------------------
@@ -732,9 +1014,15 @@ def load_checkpoint(path, flag, device):
         raise UserError(f"{flag}: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=device)
-    except Exception as err:  # truncated, not a torch file, ...: the file, not the code, is at fault
-        raise UserError(f"{flag}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]})") from err
-    if not isinstance(ckpt, dict) or not {"model", "bank", "args", "num_train", "epoch"} <= set(ckpt):
+    except (
+        Exception
+    ) as err:  # truncated, not a torch file, ...: the file, not the code, is at fault
+        raise UserError(
+            f"{flag}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    if not isinstance(ckpt, dict) or not {"model", "bank", "args", "num_train", "epoch"} <= set(
+        ckpt
+    ):
         raise UserError(f"{flag}: {path} is not a checkpoint written by imagenet_train.py")
     return ckpt
 
@@ -769,12 +1057,28 @@ def read_log(path):
 # about +-0.005 in accuracy and +-2 epochs.  The paper does not say which accuracy it plots (the
 # authors' code validates by kNN against the bank), so these are marked "read off", never matched.
 PAPER_FIGURE2 = {
-    "a": [("IR (init.)", 9, 0.082), ("IR (cont.)", 79, 0.234), ("BALL", 79, 0.26), ("ANN", 78, 0.272),
-          ("LA", 79, 0.286)],
-    "b": [("IR (all)", 85, 0.24), ("IR (crop)", 96, 0.167), ("IR (flip)", 44, 0.022), ("IR (None)", 23, 0.02),
-          ("IR (grayscale)", 22, 0.013)],
-    "c": [("IR (m=0)", 95, 0.245), ("IR (m=0.1)", 99, 0.247), ("IR (m=0.3)", 99, 0.247), ("IR (m=0.5)", 86, 0.24),
-          ("IR (m=0.7)", 99, 0.23), ("IR (m=0.9)", 99, 0.198)],
+    "a": [
+        ("IR (init.)", 9, 0.082),
+        ("IR (cont.)", 79, 0.234),
+        ("BALL", 79, 0.26),
+        ("ANN", 78, 0.272),
+        ("LA", 79, 0.286),
+    ],
+    "b": [
+        ("IR (all)", 85, 0.24),
+        ("IR (crop)", 96, 0.167),
+        ("IR (flip)", 44, 0.022),
+        ("IR (None)", 23, 0.02),
+        ("IR (grayscale)", 22, 0.013),
+    ],
+    "c": [
+        ("IR (m=0)", 95, 0.245),
+        ("IR (m=0.1)", 99, 0.247),
+        ("IR (m=0.3)", 99, 0.247),
+        ("IR (m=0.5)", 86, 0.24),
+        ("IR (m=0.7)", 99, 0.23),
+        ("IR (m=0.9)", 99, 0.198),
+    ],
 }
 
 
@@ -799,8 +1103,10 @@ def plot_logs(paths, out_path, paper=False):
     read off the paper's figure (PAPER_FIGURE2) as hollow grey markers, labelled as such.
     Returns {panel title: [(run label, best knn_top1, linear_top1 or nan)]}, also printed as a table."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     runs = []
     for path in paths:
         rows = read_log(path)
@@ -809,16 +1115,28 @@ def plot_logs(paths, out_path, paper=False):
             raise UserError(f"--plot: {path} has no config row; is it a log.jsonl of this script?")
         epochs = [r for r in rows if r.get("kind") == "epoch"]
         lin = [r for r in rows if r.get("kind") == "linear"]
-        runs.append(dict(cfg=cfg, epochs=epochs, shift=cfg.get("init_epoch") or 0,
-                         knn=max((r["knn_top1"] for r in epochs), default=float("nan")),
-                         linear=lin[-1]["linear_top1"] if lin else float("nan"),
-                         name=os.path.basename(os.path.dirname(os.path.abspath(path)))))
+        runs.append(
+            dict(
+                cfg=cfg,
+                epochs=epochs,
+                shift=cfg.get("init_epoch") or 0,
+                knn=max((r["knn_top1"] for r in epochs), default=float("nan")),
+                linear=lin[-1]["linear_top1"] if lin else float("nan"),
+                name=os.path.basename(os.path.dirname(os.path.abspath(path))),
+            )
+        )
     panels = [  # (title, which runs, label); the paper's settings: alpha 0.5 (App. D), all views
-        ("(a) algorithm (all views)", lambda c: view_name(c) == "all",
-         lambda c: c["algo"] + ("" if c["alpha"] == 0.5 else f" a={c['alpha']}")),
+        (
+            "(a) algorithm (all views)",
+            lambda c: view_name(c) == "all",
+            lambda c: c["algo"] + ("" if c["alpha"] == 0.5 else f" a={c['alpha']}"),
+        ),
         ("(b) IR view set", lambda c: c["algo"] == "ir", view_name),
-        ("(c) IR memory update rate alpha (m)", lambda c: c["algo"] == "ir" and view_name(c) == "all",
-         lambda c: f"{c['alpha']:g}"),
+        (
+            "(c) IR memory update rate alpha (m)",
+            lambda c: c["algo"] == "ir" and view_name(c) == "all",
+            lambda c: f"{c['alpha']:g}",
+        ),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     plotted = {}
@@ -827,24 +1145,50 @@ def plot_logs(paths, out_path, paper=False):
         plotted[title] = [(label(r["cfg"]), r["knn"], r["linear"]) for r in chosen]
         for r in chosen:
             x = [e["epoch"] + r["shift"] for e in r["epochs"]]
-            line, = ax.plot(x, [e["knn_top1"] for e in r["epochs"]], lw=1.3,
-                            label=f"{label(r['cfg'])} ({r['name']})")
+            (line,) = ax.plot(
+                x,
+                [e["knn_top1"] for e in r["epochs"]],
+                lw=1.3,
+                label=f"{label(r['cfg'])} ({r['name']})",
+            )
             if not math.isnan(r["linear"]):
-                ax.plot([x[-1] if x else r["shift"]], [r["linear"]], "*", ms=12, color=line.get_color())
+                ax.plot(
+                    [x[-1] if x else r["shift"]], [r["linear"]], "*", ms=12, color=line.get_color()
+                )
         if paper:
             for name, epoch, acc in PAPER_FIGURE2[key]:
                 ax.plot([epoch], [acc], "o", mfc="none", mec="0.35", ms=7)
-                ax.annotate(name, (epoch, acc), xytext=(4, 2), textcoords="offset points", fontsize=7, color="0.35")
+                ax.annotate(
+                    name,
+                    (epoch, acc),
+                    xytext=(4, 2),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="0.35",
+                )
         if not chosen:
             ax.text(0.5, 0.5, "no runs of this kind", ha="center", transform=ax.transAxes)
         ax.set(title=title, xlabel="epoch", ylabel="top-1 accuracy (val)")
         ax.grid(alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
-        handles += [plt.Line2D([], [], ls="-", color="k", label="kNN top-1 per epoch (curves)"),
-                    plt.Line2D([], [], ls="", marker="*", ms=10, color="k", label="linear top-1, frozen features")]
+        handles += [
+            plt.Line2D([], [], ls="-", color="k", label="kNN top-1 per epoch (curves)"),
+            plt.Line2D(
+                [], [], ls="", marker="*", ms=10, color="k", label="linear top-1, frozen features"
+            ),
+        ]
         if paper:
-            handles.append(plt.Line2D([], [], ls="", marker="o", mfc="none", mec="0.35",
-                                      label="read off the paper's Fig. 2"))
+            handles.append(
+                plt.Line2D(
+                    [],
+                    [],
+                    ls="",
+                    marker="o",
+                    mfc="none",
+                    mec="0.35",
+                    label="read off the paper's Fig. 2",
+                )
+            )
         ax.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
@@ -890,8 +1234,9 @@ def benchmark(args, device):
         if algo == "la":
             sync()
             t0 = time.time()
-            run.cluster_labels = run_kmeans(run.bank.vectors, args.kmeans_k, num_clusterings=1, seed=args.seed,
-                                            verbose=False).to(device)
+            run.cluster_labels = run_kmeans(
+                run.bank.vectors, args.kmeans_k, num_clusterings=1, seed=args.seed, verbose=False
+            ).to(device)
             sync()
             kmeans_s = time.time() - t0
         if device.type == "cuda":
@@ -901,55 +1246,128 @@ def benchmark(args, device):
             if step == warmup:
                 sync()
                 t0 = time.time()
-            loss = train_step(run, images, torch.randint(args.bench_bank, (args.batch_size,)))  # idx on the CPU
+            loss = train_step(
+                run, images, torch.randint(args.bench_bank, (args.batch_size,))
+            )  # idx on the CPU
         sync()
         dt = time.time() - t0
-        row = dict(algo=algo, device=str(device), precision=precision, image_size=args.image_size,
-                   batch_size=args.batch_size, bank_rows=args.bench_bank, steps=args.bench_steps,
-                   images_per_s=round(args.bench_steps * args.batch_size / dt, 1),
-                   step_ms=round(1000 * dt / args.bench_steps, 2), loss=round(loss.item(), 4),
-                   peak_gpu_mem_gib=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                                     if device.type == "cuda" else None),
-                   gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                   kmeans_clusters=None, kmeans_s=None, kmeans_faiss=None)
+        row = dict(
+            algo=algo,
+            device=str(device),
+            precision=precision,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            bank_rows=args.bench_bank,
+            steps=args.bench_steps,
+            images_per_s=round(args.bench_steps * args.batch_size / dt, 1),
+            step_ms=round(1000 * dt / args.bench_steps, 2),
+            loss=round(loss.item(), 4),
+            peak_gpu_mem_gib=(
+                round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if device.type == "cuda"
+                else None
+            ),
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            kmeans_clusters=None,
+            kmeans_s=None,
+            kmeans_faiss=None,
+        )
         if algo == "la":
-            scale = (IMAGENET_TRAIN_SIZE / args.bench_bank) * (APP_D_DATA_SIZED["kmeans_k"] / args.kmeans_k) * 10
-            row.update(kmeans_clusters=args.kmeans_k, kmeans_s=round(kmeans_s, 3), kmeans_faiss=faiss_build(),
-                       kmeans_app_d_epoch_s=round(kmeans_s * scale, 1),
-                       kmeans_app_d_epoch_s_is="measured x10 clusterings" if scale == 10 else
-                       f"extrapolated x{scale:.4g} from the measured clustering")
+            scale = (
+                (IMAGENET_TRAIN_SIZE / args.bench_bank)
+                * (APP_D_DATA_SIZED["kmeans_k"] / args.kmeans_k)
+                * 10
+            )
+            row.update(
+                kmeans_clusters=args.kmeans_k,
+                kmeans_s=round(kmeans_s, 3),
+                kmeans_faiss=faiss_build(),
+                kmeans_app_d_epoch_s=round(kmeans_s * scale, 1),
+                kmeans_app_d_epoch_s_is="measured x10 clusterings"
+                if scale == 10
+                else f"extrapolated x{scale:.4g} from the measured clustering",
+            )
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
+
 
 # -----------------------------------------------------------------------------
 # Demo (no arguments): the four algorithms for a few epochs on generated images.
 # -----------------------------------------------------------------------------
 def demo():
     """IR, BALL, ANN and LA for 6 CPU epochs each on 64 generated 32x32 images (about a minute)."""
-    torch.set_num_threads(1)  # tiny images: one thread is as fast as several, and immune to busy cores
+    torch.set_num_threads(
+        1
+    )  # tiny images: one thread is as fast as several, and immune to busy cores
     epochs = 6
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_toy_imagefolder(os.path.join(tmp, "data"), num_classes=4, train_per_class=16, val_per_class=8)
-        print(f"demo: 4 classes x 16 train / 8 val generated 32x32 images; {epochs} CPU epochs per algorithm\n")
+        data = make_toy_imagefolder(
+            os.path.join(tmp, "data"), num_classes=4, train_per_class=16, val_per_class=8
+        )
+        print(
+            f"demo: 4 classes x 16 train / 8 val generated 32x32 images; {epochs} CPU epochs per algorithm\n"
+        )
         table = []
         for algo in ("ir", "ball", "ann", "la"):
             out = os.path.join(tmp, algo)
-            extra = ["--la-warmup-epochs", "2", "--kmeans-k", "8", "--n-kmeans", "2"] if algo == "la" else []
-            main(["--data", data, "--out-dir", out, "--algo", algo, "--device", "cpu", "--image-size", "32",
-                  "--batch-size", "8", "--epochs", str(epochs), "--k-background", "32", "--knn-k", "10",
-                  "--workers", "0", "--log-every", "1000", "--eval-linear"] + extra)
+            extra = (
+                ["--la-warmup-epochs", "2", "--kmeans-k", "8", "--n-kmeans", "2"]
+                if algo == "la"
+                else []
+            )
+            main(
+                [
+                    "--data",
+                    data,
+                    "--out-dir",
+                    out,
+                    "--algo",
+                    algo,
+                    "--device",
+                    "cpu",
+                    "--image-size",
+                    "32",
+                    "--batch-size",
+                    "8",
+                    "--epochs",
+                    str(epochs),
+                    "--k-background",
+                    "32",
+                    "--knn-k",
+                    "10",
+                    "--workers",
+                    "0",
+                    "--log-every",
+                    "1000",
+                    "--eval-linear",
+                ]
+                + extra
+            )
             rows = read_log(os.path.join(out, "log.jsonl"))
             ep = [r for r in rows if r.get("kind") == "epoch"]
             lin = [r for r in rows if r.get("kind") == "linear"][-1]
-            table.append((algo, ep[0]["train_loss"], ep[-1]["train_loss"], max(r["knn_top1"] for r in ep),
-                          lin["linear_top1"], sum(r["images_per_s"] for r in ep) / len(ep)))
-        print(f"\nalgo | loss ep1 | loss ep{epochs} | best kNN top-1 (val) | linear top-1 (val) | images/s")
+            table.append(
+                (
+                    algo,
+                    ep[0]["train_loss"],
+                    ep[-1]["train_loss"],
+                    max(r["knn_top1"] for r in ep),
+                    lin["linear_top1"],
+                    sum(r["images_per_s"] for r in ep) / len(ep),
+                )
+            )
+        print(
+            f"\nalgo | loss ep1 | loss ep{epochs} | best kNN top-1 (val) | linear top-1 (val) | images/s"
+        )
         for algo, l0, l1, knn, lin, ips in table:
-            print(f"{algo:4s} | {l0:8.3f} | {l1:8.3f} | {100 * knn:19.1f}% | {100 * lin:17.1f}% | {ips:8.1f}")
-        print("chance = 25% (4 classes, 32 val images).  LA's first 2 epochs are IR (its warm-up).  Losses of\n"
-              "different algorithms are on different scales.  Toy data: this shows the pipeline, not Figure 2.")
-
+            print(
+                f"{algo:4s} | {l0:8.3f} | {l1:8.3f} | {100 * knn:19.1f}% | {100 * lin:17.1f}% | {ips:8.1f}"
+            )
+        print(
+            "chance = 25% (4 classes, 32 val images).  LA's first 2 epochs are IR (its warm-up).  Losses of\n"
+            "different algorithms are on different scales.  Toy data: this shows the pipeline, not Figure 2."
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -981,32 +1399,73 @@ def set_up(args, ddp, rank, local_rank, world, device):
     torch.backends.cudnn.benchmark = True
     run = build_step_state(args, device, n_train, precision)
     local_batch = args.batch_size // world
-    sampler = _SkipFirst(DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                            seed=args.seed, drop_last=False))
+    sampler = _SkipFirst(
+        DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=False
+        )
+    )
     # The loaders get their own generator (worker seeds) so that creating an iterator -- at a
     # mid-epoch resume, say -- does not consume the global RNG that the augmentations draw from.
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                     generator=torch.Generator().manual_seed(args.seed + rank))
+    loader_kw = dict(
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed + rank),
+    )
     # App. D: "dropped twice by a factor of 10 once learning converged, defined as no improvement in
     # validation loss for 10 epochs".  Validation images have no bank row, so their loss is undefined;
     # like the IR/LA code we watch val knn_top1 (mode="max").  Third plateau = stop.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer, mode="max", factor=args.lr_factor,
-                                                           patience=args.patience, threshold=0.0, threshold_mode="abs")
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        run.optimizer,
+        mode="max",
+        factor=args.lr_factor,
+        patience=args.patience,
+        threshold=0.0,
+        threshold_mode="abs",
+    )
     vars(run).update(
-        ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=master, n_train=n_train,
-        train_set=train_set, train_eval_set=train_eval_set, val_set=val_set, num_classes=len(train_set.classes),
+        ddp=ddp,
+        rank=rank,
+        local_rank=local_rank,
+        world=world,
+        master=master,
+        n_train=n_train,
+        train_set=train_set,
+        train_eval_set=train_eval_set,
+        val_set=val_set,
+        num_classes=len(train_set.classes),
         train_labels=torch.tensor(train_set.targets, device=device),  # for kNN evaluation ONLY
-        local_batch=local_batch, sampler=sampler, loader_kw=loader_kw, scheduler=scheduler,
+        local_batch=local_batch,
+        sampler=sampler,
+        loader_kw=loader_kw,
+        scheduler=scheduler,
         # drop_last=False: the last, smaller batch still updates its bank rows (every M[i] once per epoch)
-        train_loader=DataLoader(train_set, batch_size=local_batch, sampler=sampler, drop_last=False, **loader_kw),
+        train_loader=DataLoader(
+            train_set, batch_size=local_batch, sampler=sampler, drop_last=False, **loader_kw
+        ),
         # evaluation: rank r takes images r, r+W, ... -- no padding, so every val image counts exactly once
-        val_loader=DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=local_batch, **loader_kw),
-        update_counts=torch.zeros(n_train, dtype=torch.long, device=device) if args.debug_bank_dump else None,
-        epoch=0, batch_in_epoch=0, best_knn=-1.0, lr_drops=0, finished=False, init_epoch=0,
-        warmup=0 if args.algo != "la" or args.init_from else (10 if args.la_warmup_epochs is None
-                                                               else args.la_warmup_epochs),
-        ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), log_path=os.path.join(args.out_dir, "log.jsonl"),
-        stop={"signal": None}, epoch_start_step=0, steps_in_epoch=0, defaults_note=note)
+        val_loader=DataLoader(
+            Subset(val_set, range(rank, len(val_set), world)), batch_size=local_batch, **loader_kw
+        ),
+        update_counts=torch.zeros(n_train, dtype=torch.long, device=device)
+        if args.debug_bank_dump
+        else None,
+        epoch=0,
+        batch_in_epoch=0,
+        best_knn=-1.0,
+        lr_drops=0,
+        finished=False,
+        init_epoch=0,
+        warmup=0
+        if args.algo != "la" or args.init_from
+        else (10 if args.la_warmup_epochs is None else args.la_warmup_epochs),
+        ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
+        log_path=os.path.join(args.out_dir, "log.jsonl"),
+        stop={"signal": None},
+        epoch_start_step=0,
+        steps_in_epoch=0,
+        defaults_note=note,
+    )
     return run
 
 
@@ -1014,17 +1473,27 @@ def check_same_run(ckpt, run):
     """--resume continues the same run: same algorithm, model size, clusterings and train set."""
     args, saved = run.args, ckpt["args"]
     names = ["algo", "dim"] + (["kmeans_k", "n_kmeans"] if args.algo == "la" else [])
-    then = [f"--{n.replace('_', '-')} {saved.get(n)}" for n in names if saved.get(n) != getattr(args, n)]
-    now = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in names if saved.get(n) != getattr(args, n)]
+    then = [
+        f"--{n.replace('_', '-')} {saved.get(n)}" for n in names if saved.get(n) != getattr(args, n)
+    ]
+    now = [
+        f"--{n.replace('_', '-')} {getattr(args, n)}"
+        for n in names
+        if saved.get(n) != getattr(args, n)
+    ]
     if ckpt["num_train"] != run.n_train or ckpt.get("classes") != run.train_set.classes:
         then.append(f"{ckpt['num_train']} train images in {len(ckpt.get('classes') or [])} classes")
         now.append(f"{run.n_train} in {run.num_classes}")
     if then:
-        raise UserError(f"--resume: {run.ckpt_path} is another run's checkpoint: it has {', '.join(then)}; "
-                        f"this run has {', '.join(now)}")
+        raise UserError(
+            f"--resume: {run.ckpt_path} is another run's checkpoint: it has {', '.join(then)}; "
+            f"this run has {', '.join(now)}"
+        )
     if ckpt["batch_in_epoch"] and ckpt["world_size"] != run.world:
-        raise UserError(f"--resume: {run.ckpt_path} was saved mid-epoch by {ckpt['world_size']} processes; the "
-                        f"sampler's split depends on it, so resume with {ckpt['world_size']}, not {run.world}")
+        raise UserError(
+            f"--resume: {run.ckpt_path} was saved mid-epoch by {ckpt['world_size']} processes; the "
+            f"sampler's split depends on it, so resume with {ckpt['world_size']}, not {run.world}"
+        )
 
 
 def resume(run):
@@ -1042,38 +1511,70 @@ def resume(run):
         run.bank.load_state_dict(ckpt["bank"])
         if ckpt["cluster_labels"] is not None:
             run.cluster_labels = ckpt["cluster_labels"].to(run.device)
-        run.epoch, run.batch_in_epoch, run.global_step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
-        run.best_knn, run.lr_drops, run.finished = ckpt["best_knn_top1"], ckpt["lr_drops"], ckpt["finished"]
+        run.epoch, run.batch_in_epoch, run.global_step = (
+            ckpt["epoch"],
+            ckpt["batch_in_epoch"],
+            ckpt["step"],
+        )
+        run.best_knn, run.lr_drops, run.finished = (
+            ckpt["best_knn_top1"],
+            ckpt["lr_drops"],
+            ckpt["finished"],
+        )
         run.warmup, run.init_epoch = ckpt["warmup"], ckpt.get("init_epoch", 0)
         rng_states = ckpt["rng_states"] if len(ckpt["rng_states"]) == run.world else None
         if run.master:
-            print(f"resumed {run.ckpt_path}: epoch {run.epoch} batch {run.batch_in_epoch} step {run.global_step} "
-                  f"best knn_top1 {run.best_knn:.4f}", flush=True)
+            print(
+                f"resumed {run.ckpt_path}: epoch {run.epoch} batch {run.batch_in_epoch} step {run.global_step} "
+                f"best knn_top1 {run.best_knn:.4f}",
+                flush=True,
+            )
     elif os.path.exists(run.ckpt_path):
-        raise UserError(f"--out-dir {args.out_dir} already holds ckpt.pt: pass --resume to continue it, "
-                        "or choose another --out-dir")
+        raise UserError(
+            f"--out-dir {args.out_dir} already holds ckpt.pt: pass --resume to continue it, "
+            "or choose another --out-dir"
+        )
     if args.init_from:
         ckpt = load_checkpoint(args.init_from, "--init-from", run.device)
         got = (ckpt["args"]["algo"], ckpt["num_train"], ckpt["args"]["dim"])
         if got != ("ir", run.n_train, args.dim):
-            raise UserError(f"--init-from {args.init_from}: need an IR checkpoint of these {run.n_train} images "
-                            f"with --dim {args.dim}, got --algo {got[0]} on {got[1]} images with --dim {got[2]}")
-        run.raw_model.load_state_dict(ckpt["model"])  # App. D: "initialize ResNet and the memory bank
-        run.bank.load_state_dict(ckpt["bank"])        #  using 10 epochs of IR"
-        run.init_epoch = ckpt["epoch"]                # --plot starts this run's curve there (Fig. 2a)
+            raise UserError(
+                f"--init-from {args.init_from}: need an IR checkpoint of these {run.n_train} images "
+                f"with --dim {args.dim}, got --algo {got[0]} on {got[1]} images with --dim {got[2]}"
+            )
+        run.raw_model.load_state_dict(
+            ckpt["model"]
+        )  # App. D: "initialize ResNet and the memory bank
+        run.bank.load_state_dict(ckpt["bank"])  #  using 10 epochs of IR"
+        run.init_epoch = ckpt["epoch"]  # --plot starts this run's curve there (Fig. 2a)
     # Different augmentation randomness per rank; on resume, each rank's exact generator state.
     torch.manual_seed(args.seed + 1 + run.rank)
     if rng_states is not None:
         torch.set_rng_state(rng_states[run.rank].cpu())
     if run.ddp:
-        run.model = DDP(run.raw_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+        run.model = DDP(
+            run.raw_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None
+        )
     if run.master and not args.resume:
-        append_log(run.log_path, dict(
-            vars(args), kind="config", world_size=run.world, num_train=run.n_train, num_val=len(run.val_set),
-            num_classes=run.num_classes, precision=run.precision, la_warmup_epochs=run.warmup,
-            init_epoch=run.init_epoch, backend=dist.get_backend() if run.ddp else None,
-            memory_format="channels_last" if run.mem_fmt == torch.channels_last else "contiguous",
-            defaults_note=run.defaults_note))
+        append_log(
+            run.log_path,
+            dict(
+                vars(args),
+                kind="config",
+                world_size=run.world,
+                num_train=run.n_train,
+                num_val=len(run.val_set),
+                num_classes=run.num_classes,
+                precision=run.precision,
+                la_warmup_epochs=run.warmup,
+                init_epoch=run.init_epoch,
+                backend=dist.get_backend() if run.ddp else None,
+                memory_format="channels_last"
+                if run.mem_fmt == torch.channels_last
+                else "contiguous",
+                defaults_note=run.defaults_note,
+            ),
+        )
 
 
 def catch_stop_signals(stop):
@@ -1096,16 +1597,24 @@ def check_in(run):
     every checkpoint -- agreed over the ranks by one all-reduce: raise FloatingPointError if a loss was
     non-finite since the start (train_step notes the first such step on the device), before anything
     is saved; return True if a stop signal reached any rank."""
-    flags = torch.stack([torch.where(run.nonfinite_at > 0, -run.nonfinite_at, -NO_STEP),
-                         torch.tensor(int(run.stop["signal"] is not None), device=run.device)])
+    flags = torch.stack(
+        [
+            torch.where(run.nonfinite_at > 0, -run.nonfinite_at, -NO_STEP),
+            torch.tensor(int(run.stop["signal"] is not None), device=run.device),
+        ]
+    )
     if run.ddp:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the earliest non-finite step; a signal on any rank
+        dist.all_reduce(
+            flags, op=dist.ReduceOp.MAX
+        )  # the earliest non-finite step; a signal on any rank
     minus_first_bad, stopping = flags.tolist()
     if minus_first_bad != -NO_STEP:
         bad = -minus_first_bad
-        raise FloatingPointError(f"non-finite loss at step {bad} (epoch {run.epoch + 1}, batch "
-                                 f"{bad - run.epoch_start_step}/{run.steps_in_epoch}); nothing saved: the last "
-                                 f"good checkpoint {run.ckpt_path} is left as it was")
+        raise FloatingPointError(
+            f"non-finite loss at step {bad} (epoch {run.epoch + 1}, batch "
+            f"{bad - run.epoch_start_step}/{run.steps_in_epoch}); nothing saved: the last "
+            f"good checkpoint {run.ckpt_path} is left as it was"
+        )
     return bool(stopping)
 
 
@@ -1114,22 +1623,40 @@ def checkpoint(run):
     goes in, so that a resume replays the same views.  Returns check_in's stop flag."""
     stopping = check_in(run)
     if not bool(torch.isfinite(run.bank.vectors).all()):
-        raise FloatingPointError(f"non-finite memory bank after step {run.global_step}; nothing saved: the "
-                                 f"last good checkpoint {run.ckpt_path} is left as it was")
+        raise FloatingPointError(
+            f"non-finite memory bank after step {run.global_step}; nothing saved: the "
+            f"last good checkpoint {run.ckpt_path} is left as it was"
+        )
     gathered = [None] * run.world
     if run.ddp:
         dist.all_gather_object(gathered, torch.get_rng_state())
     else:
         gathered = [torch.get_rng_state()]
     if run.master:
-        save_checkpoint(dict(
-            model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
-            scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), bank=run.bank.state_dict(),
-            cluster_labels=None if run.cluster_labels is None else run.cluster_labels.cpu(),
-            epoch=run.epoch, batch_in_epoch=run.batch_in_epoch, step=run.global_step, best_knn_top1=run.best_knn,
-            lr_drops=run.lr_drops, finished=run.finished, warmup=run.warmup, init_epoch=run.init_epoch,
-            rng_states=gathered, num_train=run.n_train, classes=run.train_set.classes, world_size=run.world,
-            args=vars(run.args)), run.ckpt_path)
+        save_checkpoint(
+            dict(
+                model=run.raw_model.state_dict(),
+                optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict(),
+                scaler=run.scaler.state_dict(),
+                bank=run.bank.state_dict(),
+                cluster_labels=None if run.cluster_labels is None else run.cluster_labels.cpu(),
+                epoch=run.epoch,
+                batch_in_epoch=run.batch_in_epoch,
+                step=run.global_step,
+                best_knn_top1=run.best_knn,
+                lr_drops=run.lr_drops,
+                finished=run.finished,
+                warmup=run.warmup,
+                init_epoch=run.init_epoch,
+                rng_states=gathered,
+                num_train=run.n_train,
+                classes=run.train_set.classes,
+                world_size=run.world,
+                args=vars(run.args),
+            ),
+            run.ckpt_path,
+        )
     return stopping
 
 
@@ -1138,16 +1665,28 @@ def cluster_bank(run):
     k-means clusterings of the bank as it stands (rank 0 clusters, the labels are broadcast)."""
     args, t0 = run.args, time.time()
     if run.master:
-        labels = run_kmeans(run.bank.vectors, args.kmeans_k, args.n_kmeans, seed=args.seed + 1000 * run.epoch,
-                            verbose=True)
-        run.cluster_labels = labels.to(device=run.device, dtype=torch.long)  # la_loss: on the bank's device
+        labels = run_kmeans(
+            run.bank.vectors,
+            args.kmeans_k,
+            args.n_kmeans,
+            seed=args.seed + 1000 * run.epoch,
+            verbose=True,
+        )
+        run.cluster_labels = labels.to(
+            device=run.device, dtype=torch.long
+        )  # la_loss: on the bank's device
     else:
-        run.cluster_labels = torch.empty(args.n_kmeans, run.n_train, dtype=torch.long, device=run.device)
+        run.cluster_labels = torch.empty(
+            args.n_kmeans, run.n_train, dtype=torch.long, device=run.device
+        )
     if run.ddp:
         dist.broadcast(run.cluster_labels, src=0)
     if run.master:
-        print(f"epoch {run.epoch + 1}: {args.n_kmeans} k-means of {args.kmeans_k} clusters in "
-              f"{time.time() - t0:.1f}s", flush=True)
+        print(
+            f"epoch {run.epoch + 1}: {args.n_kmeans} k-means of {args.kmeans_k} clusters in "
+            f"{time.time() - t0:.1f}s",
+            flush=True,
+        )
 
 
 def train_one_epoch(run):
@@ -1164,12 +1703,18 @@ def train_one_epoch(run):
     run.loss_sum, run.steps_run, run.images_seen = torch.zeros((), device=device), 0, 0
     run.t_epoch = t_last = time.time()
     first_batch, seen_since_log = run.batch_in_epoch, 0
-    for b, (images, _, idx) in enumerate(run.train_loader, start=run.batch_in_epoch):  # class labels unused
+    for b, (images, _, idx) in enumerate(
+        run.train_loader, start=run.batch_in_epoch
+    ):  # class labels unused
         images = images.to(device, non_blocking=True, memory_format=run.mem_fmt)
         keep = kept_positions(run, b * run.local_batch, len(idx))
         try:
-            loss = train_step(run, images, idx, keep)  # idx on the CPU: each loss moves it to the bank's device
-        except Exception:  # after an unnoticed non-finite loss, NaN weights make a loss refuse its z:
+            loss = train_step(
+                run, images, idx, keep
+            )  # idx on the CPU: each loss moves it to the bank's device
+        except (
+            Exception
+        ):  # after an unnoticed non-finite loss, NaN weights make a loss refuse its z:
             check_in(run)  # report the first non-finite step instead, if there was one
             raise
         run.loss_sum += loss
@@ -1184,18 +1729,24 @@ def train_one_epoch(run):
             if run.master:
                 now = time.time()
                 per_step = (now - run.t_epoch) / (b + 1 - first_batch)
-                print(f"epoch {run.epoch + 1} step {b + 1}/{run.steps_in_epoch} (global {run.global_step}) | "
-                      f"{run.phase} loss {loss.item():.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
-                      f"{seen_since_log * run.world / (now - t_last):.1f} img/s | epoch left "
-                      f"{per_step * (run.steps_in_epoch - b - 1):.0f}s", flush=True)
+                print(
+                    f"epoch {run.epoch + 1} step {b + 1}/{run.steps_in_epoch} (global {run.global_step}) | "
+                    f"{run.phase} loss {loss.item():.4f} | lr {run.optimizer.param_groups[0]['lr']:.2e} | "
+                    f"{seen_since_log * run.world / (now - t_last):.1f} img/s | epoch left "
+                    f"{per_step * (run.steps_in_epoch - b - 1):.0f}s",
+                    flush=True,
+                )
                 t_last, seen_since_log = now, 0
             if stopping and not last:  # (at the last step, end_of_epoch saves and stops)
                 run.batch_in_epoch = b + 1
                 checkpoint(run)
                 if run.master:
-                    print(f"stopped by {run.stop['signal'] or 'a signal on another rank'} after step "
-                          f"{run.global_step} (epoch {run.epoch + 1}, batch {b + 1}/{run.steps_in_epoch}); saved "
-                          f"{run.ckpt_path}; continue with --resume", flush=True)
+                    print(
+                        f"stopped by {run.stop['signal'] or 'a signal on another rank'} after step "
+                        f"{run.global_step} (epoch {run.epoch + 1}, batch {b + 1}/{run.steps_in_epoch}); saved "
+                        f"{run.ckpt_path}; continue with --resume",
+                        flush=True,
+                    )
                 return False
     return True
 
@@ -1210,29 +1761,62 @@ def end_of_epoch(run):
         dist.all_reduce(totals)
         for buf in run.raw_model.buffers():  # BN running stats: evaluate (and save) rank 0's
             dist.broadcast(buf, src=0)
-    mean_loss = totals[0].item() / max(1, run.steps_run * run.world)  # every rank ran steps_run steps
+    mean_loss = totals[0].item() / max(
+        1, run.steps_run * run.world
+    )  # every rank ran steps_run steps
     images_per_s = totals[1].item() / max(train_s, 1e-9)  # all ranks together, training only
-    knn = knn_top1(run.raw_model, run.val_loader, run.bank.vectors, run.train_labels, run.num_classes,
-                   args.knn_k, args.knn_tau, run.device, run.amp_ctx)
+    knn = knn_top1(
+        run.raw_model,
+        run.val_loader,
+        run.bank.vectors,
+        run.train_labels,
+        run.num_classes,
+        args.knn_k,
+        args.knn_tau,
+        run.device,
+        run.amp_ctx,
+    )
     lr_used = run.optimizer.param_groups[0]["lr"]
-    if run.epoch >= run.warmup:  # the LR rule starts with the algorithm itself, not during LA's warm-up
+    if (
+        run.epoch >= run.warmup
+    ):  # the LR rule starts with the algorithm itself, not during LA's warm-up
         run.scheduler.step(knn)
         if run.optimizer.param_groups[0]["lr"] < lr_used:
             run.lr_drops += 1
-            run.finished = run.lr_drops > args.lr_drops  # App. D: two drops, then stop at the next plateau
+            run.finished = (
+                run.lr_drops > args.lr_drops
+            )  # App. D: two drops, then stop at the next plateau
     run.best_knn = max(run.best_knn, knn)
     run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     if run.master:
-        append_log(run.log_path, dict(kind="epoch", epoch=run.epoch, step=run.global_step, algo=run.phase,
-                                      train_loss=mean_loss, lr=lr_used, knn_top1=knn, best_knn_top1=run.best_knn,
-                                      images_per_s=images_per_s, epoch_s=time.time() - run.t_epoch))
-        print(f"epoch {run.epoch} done | {run.phase} train loss {mean_loss:.4f} | val knn_top1 {100 * knn:.2f}% "
-              f"(best {100 * run.best_knn:.2f}%) | {images_per_s:.1f} img/s"
-              + (" | learning converged: stopping (App. D)" if run.finished else ""), flush=True)
+        append_log(
+            run.log_path,
+            dict(
+                kind="epoch",
+                epoch=run.epoch,
+                step=run.global_step,
+                algo=run.phase,
+                train_loss=mean_loss,
+                lr=lr_used,
+                knn_top1=knn,
+                best_knn_top1=run.best_knn,
+                images_per_s=images_per_s,
+                epoch_s=time.time() - run.t_epoch,
+            ),
+        )
+        print(
+            f"epoch {run.epoch} done | {run.phase} train loss {mean_loss:.4f} | val knn_top1 {100 * knn:.2f}% "
+            f"(best {100 * run.best_knn:.2f}%) | {images_per_s:.1f} img/s"
+            + (" | learning converged: stopping (App. D)" if run.finished else ""),
+            flush=True,
+        )
     if checkpoint(run):
         if run.master:
-            print(f"stopped by {run.stop['signal'] or 'a signal on another rank'} after epoch {run.epoch}; saved "
-                  f"{run.ckpt_path}; continue with --resume", flush=True)
+            print(
+                f"stopped by {run.stop['signal'] or 'a signal on another rank'} after epoch {run.epoch}; saved "
+                f"{run.ckpt_path}; continue with --resume",
+                flush=True,
+            )
         return False
     return True
 
@@ -1241,28 +1825,55 @@ def after_training(run):
     """The plateau message, the linear probe (--eval-linear) and the test hook's bank dump."""
     args = run.args
     if run.finished and run.master:
-        print(f"training has finished: the val knn_top1 plateaued after {args.lr_drops} LR drops (App. D); "
-              f"best knn_top1 {100 * run.best_knn:.2f}%", flush=True)
+        print(
+            f"training has finished: the val knn_top1 plateaued after {args.lr_drops} LR drops (App. D); "
+            f"best knn_top1 {100 * run.best_knn:.2f}%",
+            flush=True,
+        )
     if args.eval_linear:
         if run.ddp:
             for buf in run.raw_model.buffers():
                 dist.broadcast(buf, src=0)
         use_pool = args.linear_features == "pool"
-        tr = DataLoader(Subset(run.train_eval_set, range(run.rank, run.n_train, run.world)),
-                        batch_size=run.local_batch, **run.loader_kw)
+        tr = DataLoader(
+            Subset(run.train_eval_set, range(run.rank, run.n_train, run.world)),
+            batch_size=run.local_batch,
+            **run.loader_kw,
+        )
         train_x, train_y = extract(run.raw_model, tr, use_pool, run.device, run.amp_ctx)
         val_x, val_y = extract(run.raw_model, run.val_loader, use_pool, run.device, run.amp_ctx)
         if run.master:
-            top1, top5 = linear_probe(train_x, train_y, val_x, val_y, run.num_classes, args.linear_epochs,
-                                      args.linear_lr, seed=args.seed)
-            append_log(run.log_path, dict(kind="linear", epoch=run.epoch, features=args.linear_features,
-                                          linear_top1=top1, linear_top5=top5))
-            print(f"linear probe on frozen {args.linear_features} features: linear_top1 {100 * top1:.2f}% "
-                  f"linear_top5 {100 * top5:.2f}% (val)", flush=True)
+            top1, top5 = linear_probe(
+                train_x,
+                train_y,
+                val_x,
+                val_y,
+                run.num_classes,
+                args.linear_epochs,
+                args.linear_lr,
+                seed=args.seed,
+            )
+            append_log(
+                run.log_path,
+                dict(
+                    kind="linear",
+                    epoch=run.epoch,
+                    features=args.linear_features,
+                    linear_top1=top1,
+                    linear_top5=top5,
+                ),
+            )
+            print(
+                f"linear probe on frozen {args.linear_features} features: linear_top1 {100 * top1:.2f}% "
+                f"linear_top5 {100 * top5:.2f}% (val)",
+                flush=True,
+            )
     if args.debug_bank_dump:
         os.makedirs(args.debug_bank_dump, exist_ok=True)
-        torch.save(dict(vectors=run.bank.vectors.cpu(), update_counts=run.update_counts.cpu()),
-                   os.path.join(args.debug_bank_dump, f"bank_rank{run.rank}.pt"))
+        torch.save(
+            dict(vectors=run.bank.vectors.cpu(), update_counts=run.update_counts.cpu()),
+            os.path.join(args.debug_bank_dump, f"bank_rank{run.rank}.pt"),
+        )
 
 
 def main(argv=None):
@@ -1276,8 +1887,10 @@ def main(argv=None):
     if args.plot:
         return plot_logs(args.plot, args.plot_out, paper=args.plot_paper)
     if args.data is None and not args.benchmark:
-        raise UserError("--data is required (an ImageFolder root with train/ and val/); "
-                        "run with no arguments for a CPU demo on generated images")
+        raise UserError(
+            "--data is required (an ImageFolder root with train/ and val/); "
+            "run with no arguments for a CPU demo on generated images"
+        )
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     old_handlers = {}
     try:
@@ -1301,7 +1914,9 @@ def main(argv=None):
 
 def _one_line(err):
     text = str(err).strip()
-    if "Original Traceback" in text:  # raised in a DataLoader worker: our message is the traceback's last line
+    if (
+        "Original Traceback" in text
+    ):  # raised in a DataLoader worker: our message is the traceback's last line
         text = text.splitlines()[-1].split("UserError: ", 1)[-1]
     return " ".join(text.split())
 

@@ -42,14 +42,46 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return it.make_toy_imagefolder(str(tmp_path_factory.mktemp("toy")), N_CLASSES, TRAIN_PER_CLASS,
-                                   VAL_PER_CLASS, size=32, seed=0)
+    return it.make_toy_imagefolder(
+        str(tmp_path_factory.mktemp("toy")),
+        N_CLASSES,
+        TRAIN_PER_CLASS,
+        VAL_PER_CLASS,
+        size=32,
+        seed=0,
+    )
 
 
 def argv(data, out, algo="ir", epochs=1, batch=16, *extra):
-    return ["--data", str(data), "--out-dir", str(out), "--algo", algo, "--device", "cpu", "--image-size", "32",
-            "--batch-size", str(batch), "--epochs", str(epochs), "--knn-k", "5", "--workers", "0",
-            "--log-every", "1000", "--k-background", "16", "--kmeans-k", "4", "--n-kmeans", "2", *extra]
+    return [
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--algo",
+        algo,
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--knn-k",
+        "5",
+        "--workers",
+        "0",
+        "--log-every",
+        "1000",
+        "--k-background",
+        "16",
+        "--kmeans-k",
+        "4",
+        "--n-kmeans",
+        "2",
+        *extra,
+    ]
 
 
 def rows(out, kind):
@@ -75,7 +107,11 @@ def test_one_epoch_of_each_algorithm(data, tmp_path, algo):
     it.main(argv(data, out, algo, 1, 16, *extra))
     (epoch,) = rows(out, "epoch")
     assert epoch["epoch"] == 1 and epoch["algo"] == algo and epoch["step"] == N_TRAIN // 16
-    assert math.isfinite(epoch["train_loss"]) and 0.0 <= epoch["knn_top1"] <= 1.0 and epoch["images_per_s"] > 0
+    assert (
+        math.isfinite(epoch["train_loss"])
+        and 0.0 <= epoch["knn_top1"] <= 1.0
+        and epoch["images_per_s"] > 0
+    )
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 0, N_TRAIN // 16)
     bank = ckpt["bank"]["vectors"]
@@ -103,7 +139,9 @@ def test_model_output_is_unit_norm_fp32_even_under_autocast():
         z = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             z16 = model(x)
-        raw = model.net(x)  # the bare torchvision ResNet: not unit norm -- the pitfall the head guards against
+        raw = model.net(
+            x
+        )  # the bare torchvision ResNet: not unit norm -- the pitfall the head guards against
     assert z.shape == (3, 128) and z.dtype == torch.float32 and z16.dtype == torch.float32
     assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-6)
     assert torch.allclose(z16.norm(dim=1), torch.ones(3), atol=1e-6)
@@ -114,18 +152,28 @@ def test_model_output_is_unit_norm_fp32_even_under_autocast():
 # -----------------------------------------------------------------------------
 # Views (Figure 2b lesions).
 # -----------------------------------------------------------------------------
-AUG_TYPES = {"crop": transforms.RandomResizedCrop, "gray": transforms.RandomGrayscale,
-             "jitter": transforms.ColorJitter, "flip": transforms.RandomHorizontalFlip}
+AUG_TYPES = {
+    "crop": transforms.RandomResizedCrop,
+    "gray": transforms.RandomGrayscale,
+    "jitter": transforms.ColorJitter,
+    "flip": transforms.RandomHorizontalFlip,
+}
 
 
 @pytest.mark.parametrize("lesion", [None, "crop", "gray", "jitter", "flip", "aug"])
 def test_lesion_flags_remove_exactly_their_augmentation(data, tmp_path, lesion):
     flags = [] if lesion is None else [f"--no-{lesion}"]
-    args = it.build_parser().parse_args(argv(data, tmp_path / "x", "ir", 1, 16, *flags, "--no-image-check"))
+    args = it.build_parser().parse_args(
+        argv(data, tmp_path / "x", "ir", 1, 16, *flags, "--no-image-check")
+    )
     train_set, _, _ = it.load_datasets(args)
     ops = train_set.transform.transforms
     present = {name for name, cls in AUG_TYPES.items() if any(isinstance(t, cls) for t in ops)}
-    expected = set(AUG_TYPES) if lesion is None else (set() if lesion == "aug" else set(AUG_TYPES) - {lesion})
+    expected = (
+        set(AUG_TYPES)
+        if lesion is None
+        else (set() if lesion == "aug" else set(AUG_TYPES) - {lesion})
+    )
     assert present == expected
     torch.manual_seed(0)
     a, b = train_set[0][0], train_set[0][0]
@@ -146,8 +194,14 @@ def test_knn_votes_are_weighted_by_exp_similarity_over_tau():
     # One neighbour of class 0 at cos 0.99, two of class 1 at cos 0.30: a plain majority says 1,
     # the exp(cos / 0.07) weights (e^14.1 vs 2 e^4.3) say 0.  With tau = 10 the weights are nearly
     # equal and the majority wins.
-    bank = torch.tensor([[0.99, math.sqrt(1 - 0.99 ** 2), 0.0], [0.30, 0.0, math.sqrt(1 - 0.09)],
-                         [0.30, 0.0, -math.sqrt(1 - 0.09)], [-1.0, 0.0, 0.0]])
+    bank = torch.tensor(
+        [
+            [0.99, math.sqrt(1 - 0.99**2), 0.0],
+            [0.30, 0.0, math.sqrt(1 - 0.09)],
+            [0.30, 0.0, -math.sqrt(1 - 0.09)],
+            [-1.0, 0.0, 0.0],
+        ]
+    )
     labels = torch.tensor([0, 1, 1, 0])
     z = torch.tensor([[1.0, 0.0, 0.0]])
     assert it.knn_predict(z, bank, labels, 2, k=3, tau=0.07).item() == 0
@@ -163,20 +217,26 @@ def test_linear_probe_separates_separable_features():
     top1, top5 = it.linear_probe(xtr, ytr, xva, yva, 5, epochs=20, lr=0.1)
     assert top1 >= 0.95 and top5 == 1.0
     # and it is not trivially 1: shuffled training labels give chance-level top-1
-    top1_shuffled, _ = it.linear_probe(xtr, ytr[torch.randperm(200, generator=g)], xva, yva, 5, epochs=20, lr=0.1)
+    top1_shuffled, _ = it.linear_probe(
+        xtr, ytr[torch.randperm(200, generator=g)], xva, yva, 5, epochs=20, lr=0.1
+    )
     assert top1_shuffled < 0.6
 
 
-@pytest.mark.parametrize("n,world,batch", [(45, 2, 4), (48, 2, 4), (7, 3, 2), (50, 3, 5), (11, 4, 1)])
+@pytest.mark.parametrize(
+    "n,world,batch", [(45, 2, 4), (48, 2, 4), (7, 3, 2), (50, 3, 5), (11, 4, 1)]
+)
 def test_padded_mask_leaves_every_index_updated_exactly_once(n, world, batch):
     """DistributedSampler repeats up to world-1 indices; the mask must drop exactly those repeats."""
     kept, dropped = [], 0
     for rank in range(world):
-        sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        sampler = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=3
+        )
         sampler.set_epoch(5)
         local = list(sampler)
         for start in range(0, len(local), batch):
-            chunk = torch.tensor(local[start:start + batch])
+            chunk = torch.tensor(local[start : start + batch])
             mask = it.padded_mask(start, len(chunk), rank, world, n)
             kept += chunk[~mask].tolist()
             dropped += int(mask.sum())
@@ -196,7 +256,11 @@ def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(da
     b = tmp_path / "B"
     it.main(argv(data, b, "la", 1, 16, *la))
     after_1 = load_ckpt(b)
-    assert (after_1["epoch"], after_1["step"], after_1["cluster_labels"]) == (1, 3, None)  # warm-up: IR, no k-means
+    assert (after_1["epoch"], after_1["step"], after_1["cluster_labels"]) == (
+        1,
+        3,
+        None,
+    )  # warm-up: IR, no k-means
     it.main(argv(data, b, "la", 2, 16, *la, "--resume"))
     after_2 = load_ckpt(b)
     assert after_2["epoch"] == 2 and after_2["step"] == 6
@@ -217,12 +281,16 @@ def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(da
 def test_la_init_from_ir_checkpoint_clusters_the_ir_bank(data, tmp_path):
     it.main(argv(data, tmp_path / "ir", "ir", 1, 16))
     ir = load_ckpt(tmp_path / "ir")
-    it.main(argv(data, tmp_path / "la", "la", 1, 16, "--init-from", str(tmp_path / "ir" / "ckpt.pt")))
+    it.main(
+        argv(data, tmp_path / "la", "la", 1, 16, "--init-from", str(tmp_path / "ir" / "ckpt.pt"))
+    )
     la = load_ckpt(tmp_path / "la")
     assert rows(tmp_path / "la", "config")[0]["la_warmup_epochs"] == 0
     assert [r["algo"] for r in rows(tmp_path / "la", "epoch")] == ["la"]
     # LA's first k-means ran on the bank IR left (App. D: LA starts from IR's model AND bank)
-    assert torch.equal(la["cluster_labels"], run_kmeans(ir["bank"]["vectors"], 4, 2, seed=0, verbose=False))
+    assert torch.equal(
+        la["cluster_labels"], run_kmeans(ir["bank"]["vectors"], 4, 2, seed=0, verbose=False)
+    )
 
 
 def test_lr_drops_twice_on_plateaus_then_stops(data, tmp_path):
@@ -262,8 +330,14 @@ def test_sigterm_saves_mid_epoch_and_resume_replays_the_same_run(data, tmp_path)
     out = tmp_path / "sig"
     # batch 2: 24 steps per epoch, so the signal sent after step 3 of epoch 2 lands well inside it
     cmd = [sys.executable, "imagenet_train.py"] + argv(data, out, "ir", 2, 2) + ["--log-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -275,7 +349,9 @@ def test_sigterm_saves_mid_epoch_and_resume_replays_the_same_run(data, tmp_path)
     assert proc.returncode == 0, text
     assert "stopped by SIGTERM" in text
     ckpt = load_ckpt(out)
-    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 24, text  # mid-epoch 2, after >= 3 steps
+    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 24, (
+        text
+    )  # mid-epoch 2, after >= 3 steps
     assert ckpt["step"] == 24 + ckpt["batch_in_epoch"]
     it.main(argv(data, out, "ir", 2, 2, "--resume"))
     it.main(argv(data, tmp_path / "straight", "ir", 2, 2))
@@ -302,9 +378,19 @@ def test_torchrun_two_ranks_keep_identical_banks(data, tmp_path):
     for c in range(3):
         os.remove(os.path.join(odd, "train", f"class_{c:02d}", f"train_{c}_000.png"))
     out, dump = tmp_path / "ddp", tmp_path / "banks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
-           "imagenet_train.py"] + argv(odd, out, "la", 2, 8, "--la-warmup-epochs", "1", "--debug-bank-dump", str(dump))
-    res = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "imagenet_train.py",
+    ] + argv(odd, out, "la", 2, 8, "--la-warmup-epochs", "1", "--debug-bank-dump", str(dump))
+    res = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     dump0, dump1 = (torch.load(os.path.join(dump, f"bank_rank{r}.pt")) for r in (0, 1))
     bank0, bank1 = dump0["vectors"], dump1["vectors"]
@@ -332,15 +418,29 @@ def _remove_class(root, split, name):
 BAD_DATA = {
     "missing folder": (lambda root: shutil.rmtree(root), r"--data .*folder not found"),
     "no val": (lambda root: shutil.rmtree(os.path.join(root, "val")), r"has no val/ folder"),
-    "empty train": (lambda root: [_remove_class(root, "train", c) for c in os.listdir(os.path.join(root, "train"))],
-                    r"train is empty"),
-    "class mismatch": (lambda root: _remove_class(root, "val", "class_03"),
-                       r"class folders differ: only in train \['class_03'\]"),
-    "class without images": (lambda root: [os.remove(os.path.join(root, "val", "class_02", f))
-                                           for f in os.listdir(os.path.join(root, "val", "class_02"))],
-                             r"--data: .*class_02"),
-    "unreadable image": (lambda root: open(os.path.join(root, "train", "class_01", "broken.png"), "wb").write(b"junk"),
-                         r"unreadable image .*class_01/broken\.png"),
+    "empty train": (
+        lambda root: [
+            _remove_class(root, "train", c) for c in os.listdir(os.path.join(root, "train"))
+        ],
+        r"train is empty",
+    ),
+    "class mismatch": (
+        lambda root: _remove_class(root, "val", "class_03"),
+        r"class folders differ: only in train \['class_03'\]",
+    ),
+    "class without images": (
+        lambda root: [
+            os.remove(os.path.join(root, "val", "class_02", f))
+            for f in os.listdir(os.path.join(root, "val", "class_02"))
+        ],
+        r"--data: .*class_02",
+    ),
+    "unreadable image": (
+        lambda root: open(os.path.join(root, "train", "class_01", "broken.png"), "wb").write(
+            b"junk"
+        ),
+        r"unreadable image .*class_01/broken\.png",
+    ),
 }
 
 
@@ -356,18 +456,29 @@ def test_bad_data_folder_errors_before_training(data, tmp_path, case):
 
 
 BAD_FLAGS = {
-    "batch larger than dataset": (["--batch-size", "64"], r"--batch-size 64 is larger than the train set \(48"),
+    "batch larger than dataset": (
+        ["--batch-size", "64"],
+        r"--batch-size 64 is larger than the train set \(48",
+    ),
     "init-from with ir": (["--init-from", "x.pt"], r"--init-from .* does not apply to --algo ir"),
-    "k-background > N": (["--algo", "ball", "--k-background", "49"], r"--k-background 49 must be <= N = 48"),
+    "k-background > N": (
+        ["--algo", "ball", "--k-background", "49"],
+        r"--k-background 49 must be <= N = 48",
+    ),
     "kmeans-k > N": (["--algo", "la", "--kmeans-k", "100"], r"--kmeans-k 100 must be <= N = 48"),
     "knn-k > N": (["--knn-k", "200"], r"--knn-k 200 must be <= N = 48"),
     "alpha 1": (["--alpha", "1.0"], r"--alpha must be in \[0, 1\)"),
-    "warm-up and init-from": (["--algo", "la", "--init-from", "x.pt", "--la-warmup-epochs", "3"],
-                              r"--init-from replaces the IR warm-up"),
+    "warm-up and init-from": (
+        ["--algo", "la", "--init-from", "x.pt", "--la-warmup-epochs", "3"],
+        r"--init-from replaces the IR warm-up",
+    ),
     "resume without checkpoint": (["--resume"], r"--resume: no checkpoint"),
     "fp16 on cpu": (["--precision", "fp16"], r"--precision fp16 is for CUDA"),
     "last batch of one at 32px": (["--batch-size", "47"], r"last batch would hold one image"),
-    "k-close >= k-background": (["--algo", "ann", "--k-close", "16"], r"--k-close must be in \[0, --k-background=16\)"),
+    "k-close >= k-background": (
+        ["--algo", "ann", "--k-close", "16"],
+        r"--k-close must be in \[0, --k-background=16\)",
+    ),
 }
 
 
@@ -375,7 +486,9 @@ BAD_FLAGS = {
 def test_bad_flags_error_before_training(data, tmp_path, case):
     extra, message = BAD_FLAGS[case]
     with pytest.raises(ValueError, match=message):
-        it.main(argv(data, tmp_path / "out", "ir", 1, 16) + extra)  # later flags override the defaults
+        it.main(
+            argv(data, tmp_path / "out", "ir", 1, 16) + extra
+        )  # later flags override the defaults
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
@@ -384,7 +497,17 @@ def test_existing_checkpoint_needs_resume_and_init_from_needs_an_ir_checkpoint(d
     with pytest.raises(ValueError, match=r"already holds ckpt.pt: pass --resume"):
         it.main(argv(data, tmp_path / "ball", "ball", 1, 16))
     with pytest.raises(ValueError, match=r"need an IR checkpoint .* got --algo ball"):
-        it.main(argv(data, tmp_path / "la", "la", 1, 16, "--init-from", str(tmp_path / "ball" / "ckpt.pt")))
+        it.main(
+            argv(
+                data,
+                tmp_path / "la",
+                "la",
+                1,
+                16,
+                "--init-from",
+                str(tmp_path / "ball" / "ckpt.pt"),
+            )
+        )
     with pytest.raises(ValueError, match=r"--data is required"):
         it.main(["--algo", "ir"])
 
@@ -393,12 +516,36 @@ def test_existing_checkpoint_needs_resume_and_init_from_needs_an_ir_checkpoint(d
 # --help, --plot, --benchmark.
 # -----------------------------------------------------------------------------
 def test_help_lists_the_paper_flags():
-    res = subprocess.run([sys.executable, "imagenet_train.py", "--help"], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "imagenet_train.py", "--help"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
-    for flag in ("--algo", "--tau", "--alpha", "--k-background", "--kmeans-k", "--n-kmeans", "--init-from",
-                 "--la-warmup-epochs", "--no-crop", "--no-gray", "--no-jitter", "--no-flip", "--no-aug",
-                 "--eval-linear", "--resume", "--plot", "--benchmark", "App. D", "Eq. 7"):
+    for flag in (
+        "--algo",
+        "--tau",
+        "--alpha",
+        "--k-background",
+        "--kmeans-k",
+        "--n-kmeans",
+        "--init-from",
+        "--la-warmup-epochs",
+        "--no-crop",
+        "--no-gray",
+        "--no-jitter",
+        "--no-flip",
+        "--no-aug",
+        "--eval-linear",
+        "--resume",
+        "--plot",
+        "--benchmark",
+        "App. D",
+        "Eq. 7",
+    ):
         assert flag in res.stdout, flag
 
 
@@ -407,21 +554,34 @@ def test_plot_groups_runs_into_figure_2_panels(tmp_path):
         cfg = dict(kind="config", algo=algo, alpha=alpha, no_aug=lesion == "aug")
         for k in ("crop", "gray", "jitter", "flip"):
             cfg[f"no_{k}"] = lesion == k
-        lines = [cfg, dict(kind="epoch", epoch=1, knn_top1=knn / 2), dict(kind="epoch", epoch=2, knn_top1=knn)]
+        lines = [
+            cfg,
+            dict(kind="epoch", epoch=1, knn_top1=knn / 2),
+            dict(kind="epoch", epoch=2, knn_top1=knn),
+        ]
         if linear is not None:
             lines.append(dict(kind="linear", linear_top1=linear, linear_top5=min(1.0, 2 * linear)))
         path = tmp_path / name / "log.jsonl"
         path.parent.mkdir()
         path.write_text("".join(json.dumps(r) + "\n" for r in lines))
         return str(path)
-    paths = [log("ir", "ir", knn=0.30, linear=0.40), log("la", "la", knn=0.50, linear=0.55),
-             log("ir_nocrop", "ir", lesion="crop", knn=0.10), log("ir_a0", "ir", alpha=0.0, knn=0.31),
-             log("ir_none", "ir", lesion="aug", knn=0.02)]
+
+    paths = [
+        log("ir", "ir", knn=0.30, linear=0.40),
+        log("la", "la", knn=0.50, linear=0.55),
+        log("ir_nocrop", "ir", lesion="crop", knn=0.10),
+        log("ir_a0", "ir", alpha=0.0, knn=0.31),
+        log("ir_none", "ir", lesion="aug", knn=0.02),
+    ]
     out = tmp_path / "fig.png"
     panels = it.main(["--plot", *paths, "--plot-out", str(out)])
     assert out.stat().st_size > 10_000
     a, b, c = (panels[t] for t in sorted(panels))
-    assert [x[0] for x in a] == ["ir", "ir a=0.0", "la"]  # all views; alpha shown when not App. D's 0.5
+    assert [x[0] for x in a] == [
+        "ir",
+        "ir a=0.0",
+        "la",
+    ]  # all views; alpha shown when not App. D's 0.5
     assert [x[0] for x in b] == ["all", "all", "no crop", "none"]
     assert [x[0] for x in c] == ["0", "0.5"]
     assert a[2][1:] == (0.50, 0.55)  # best knn_top1, linear_top1 of LA
@@ -433,8 +593,25 @@ def test_plot_groups_runs_into_figure_2_panels(tmp_path):
 
 
 def test_benchmark_path_runs_both_algorithms_on_cpu():
-    res = it.main(["--benchmark", "--device", "cpu", "--image-size", "32", "--batch-size", "4", "--bench-steps", "2",
-                   "--bench-bank", "300", "--kmeans-k", "5", "--k-background", "16"])
+    res = it.main(
+        [
+            "--benchmark",
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--bench-steps",
+            "2",
+            "--bench-bank",
+            "300",
+            "--kmeans-k",
+            "5",
+            "--k-background",
+            "16",
+        ]
+    )
     assert [r["algo"] for r in res] == ["ir", "la"]
     assert all(r["images_per_s"] > 0 and r["bank_rows"] == 300 for r in res)
     assert res[0]["kmeans_s"] is None and res[1]["kmeans_s"] >= 0 and res[1]["kmeans_clusters"] == 5
@@ -466,34 +643,75 @@ USER_ERRORS = {  # name: (how to break things, extra argv, regex the one line mu
     "flag type": (None, ["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "flag choice": (None, ["--algo", "sim"], r"argument --algo: invalid choice: 'sim'"),
     "flag range": (None, ["--alpha", "1.0"], r"--alpha must be in \[0, 1\)"),
-    "missing data": (lambda root, ckpt: shutil.rmtree(root), [], r"--data '.*/d': folder not found"),
-    "empty data": (lambda root, ckpt: [shutil.rmtree(os.path.join(root, "train")),
-                                       os.mkdir(os.path.join(root, "train"))], [], r"--data: .*/d/train is empty"),
-    "corrupt image": (lambda root, ckpt: open(os.path.join(root, "val", "class_01", "bad.png"), "wb").write(b"junk"),
-                      [], r"--data: unreadable image .*/d/val/class_01/bad\.png"),
-    "image that does not decode": (lambda root, ckpt: _truncated_png(root), [],
-                                   r"--data: unreadable image .*/d/train/class_02/train_2_000\.png .*truncated"),
-    "image that does not decode, in a worker": (lambda root, ckpt: _truncated_png(root), ["--workers", "1"],
-                                                r"--data: unreadable image .*/d/train/class_02/train_2_000\.png"),
-    "size that does not fit": (None, ["--knn-k", "200"], r"--knn-k 200 must be <= N = 48 train images"),
-    "unwritable out-dir": (None, ["--out-dir", os.path.join(REPO, "README.md", "run")],
-                           r"--out-dir '.*README\.md/run' is not a writable folder"),
+    "missing data": (
+        lambda root, ckpt: shutil.rmtree(root),
+        [],
+        r"--data '.*/d': folder not found",
+    ),
+    "empty data": (
+        lambda root, ckpt: [
+            shutil.rmtree(os.path.join(root, "train")),
+            os.mkdir(os.path.join(root, "train")),
+        ],
+        [],
+        r"--data: .*/d/train is empty",
+    ),
+    "corrupt image": (
+        lambda root, ckpt: open(os.path.join(root, "val", "class_01", "bad.png"), "wb").write(
+            b"junk"
+        ),
+        [],
+        r"--data: unreadable image .*/d/val/class_01/bad\.png",
+    ),
+    "image that does not decode": (
+        lambda root, ckpt: _truncated_png(root),
+        [],
+        r"--data: unreadable image .*/d/train/class_02/train_2_000\.png .*truncated",
+    ),
+    "image that does not decode, in a worker": (
+        lambda root, ckpt: _truncated_png(root),
+        ["--workers", "1"],
+        r"--data: unreadable image .*/d/train/class_02/train_2_000\.png",
+    ),
+    "size that does not fit": (
+        None,
+        ["--knn-k", "200"],
+        r"--knn-k 200 must be <= N = 48 train images",
+    ),
+    "unwritable out-dir": (
+        None,
+        ["--out-dir", os.path.join(REPO, "README.md", "run")],
+        r"--out-dir '.*README\.md/run' is not a writable folder",
+    ),
     "nothing to resume": (None, ["--resume"], r"--resume: no checkpoint at .*/out/ckpt\.pt"),
-    "resume another run": (lambda root, ckpt: shutil.copytree(ckpt, os.path.join(os.path.dirname(root), "out")),
-                           ["--resume", "--algo", "ball"],
-                           r"--resume: .*/out/ckpt\.pt is another run's checkpoint: it has --algo ir; this run has "
-                           r"--algo ball"),
-    "corrupt checkpoint": (lambda root, ckpt: (os.makedirs(os.path.join(os.path.dirname(root), "out")),
-                                               open(os.path.join(os.path.dirname(root), "out", "ckpt.pt"), "wb")
-                                               .write(b"not a checkpoint")),
-                           ["--resume"], r"--resume: cannot read .*/out/ckpt\.pt \("),
-    "init-from missing": (None, ["--algo", "la", "--init-from", "/nonexistent/ckpt.pt"],
-                          r"--init-from: no checkpoint at /nonexistent/ckpt\.pt"),
+    "resume another run": (
+        lambda root, ckpt: shutil.copytree(ckpt, os.path.join(os.path.dirname(root), "out")),
+        ["--resume", "--algo", "ball"],
+        r"--resume: .*/out/ckpt\.pt is another run's checkpoint: it has --algo ir; this run has "
+        r"--algo ball",
+    ),
+    "corrupt checkpoint": (
+        lambda root, ckpt: (
+            os.makedirs(os.path.join(os.path.dirname(root), "out")),
+            open(os.path.join(os.path.dirname(root), "out", "ckpt.pt"), "wb").write(
+                b"not a checkpoint"
+            ),
+        ),
+        ["--resume"],
+        r"--resume: cannot read .*/out/ckpt\.pt \(",
+    ),
+    "init-from missing": (
+        None,
+        ["--algo", "la", "--init-from", "/nonexistent/ckpt.pt"],
+        r"--init-from: no checkpoint at /nonexistent/ckpt\.pt",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(USER_ERRORS))
-def test_user_errors_are_one_line_with_exit_status_2(data, ir_checkpoint, tmp_path, capsys, monkeypatch, case):
+def test_user_errors_are_one_line_with_exit_status_2(
+    data, ir_checkpoint, tmp_path, capsys, monkeypatch, case
+):
     damage, extra, message = USER_ERRORS[case]
     # After a worker's exception, torch's DataLoader waits this long (5 s) for the worker to exit when
     # it is collected; shorten it here so the wait does not land in the test time.
@@ -516,20 +734,32 @@ def test_user_errors_are_one_line_with_exit_status_2(data, ir_checkpoint, tmp_pa
 def test_plot_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "log.jsonl"
     bad.write_text('{"kind": "config"}\nnot json\n')
-    for paths, message in (([str(tmp_path / "missing.jsonl")], r"--plot: cannot read .*missing\.jsonl"),
-                           ([str(bad)], r"--plot: .*log\.jsonl line 2 is not JSON")):
+    for paths, message in (
+        ([str(tmp_path / "missing.jsonl")], r"--plot: cannot read .*missing\.jsonl"),
+        ([str(bad)], r"--plot: .*log\.jsonl line 2 is not JSON"),
+    ):
         assert it.command_line(["--plot", *paths, "--plot-out", str(tmp_path / "f.png")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and re.search(message, err), err
 
 
 def test_command_line_process_exits_2_without_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
-    res = subprocess.run([sys.executable, "imagenet_train.py", "--data", str(tmp_path / "none"), "--device", "cpu"],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "imagenet_train.py", "--data", str(tmp_path / "none"), "--device", "cpu"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr == f"imagenet_train.py: error: --data '{tmp_path / 'none'}': folder not found\n"
+    assert (
+        res.stderr == f"imagenet_train.py: error: --data '{tmp_path / 'none'}': folder not found\n"
+    )
     # A ValueError that is not a UserError is a bug: command_line lets it through with its traceback.
-    monkeypatch.setattr(it, "check_args", lambda args, world: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(
+        it, "check_args", lambda args, world: (_ for _ in ()).throw(ValueError("a bug"))
+    )
     with pytest.raises(ValueError, match="a bug"):
         it.command_line(["--data", str(tmp_path), "--device", "cpu"])
 
@@ -540,24 +770,58 @@ def test_command_line_process_exits_2_without_traceback_and_bugs_keep_theirs(tmp
 def test_largest_fitting_batch():
     assert it.largest_fitting_batch(48, 1, 32, 256) == 48
     assert it.largest_fitting_batch(1000, 1, 224, 256) == 256
-    assert it.largest_fitting_batch(45, 2, 32, 256) == 42  # 44 would leave each rank a last batch of one
+    assert (
+        it.largest_fitting_batch(45, 2, 32, 256) == 42
+    )  # 44 would leave each rank a last batch of one
     assert it.largest_fitting_batch(45, 2, 64, 256) == 44  # from 64 px on, a batch of one is fine
-    assert it.largest_fitting_batch(7, 8, 32, 256) == 8  # fewer images than ranks: check_sizes says so
+    assert (
+        it.largest_fitting_batch(7, 8, 32, 256) == 8
+    )  # fewer images than ranks: check_sizes says so
 
 
 def test_data_sized_defaults_fit_a_small_train_set_and_say_so(data, tmp_path, capsys, monkeypatch):
     warned = []
     monkeypatch.setattr(it, "warn_if_kmeans_on_cpu", lambda *a, **k: warned.append((a, k)) or False)
     out = tmp_path / "la"
-    it.main(["--data", str(data), "--out-dir", str(out), "--algo", "la", "--la-warmup-epochs", "0", "--device", "cpu",
-             "--image-size", "32", "--epochs", "1", "--workers", "0", "--n-kmeans", "2"])
+    it.main(
+        [
+            "--data",
+            str(data),
+            "--out-dir",
+            str(out),
+            "--algo",
+            "la",
+            "--la-warmup-epochs",
+            "0",
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--n-kmeans",
+            "2",
+        ]
+    )
     printed = capsys.readouterr().out
     (line,) = [x for x in printed.splitlines() if x.startswith("defaults lowered")]
-    for flag, app_d in (("--batch-size", 256), ("--k-background", 4096), ("--kmeans-k", 30000), ("--knn-k", 200)):
+    for flag, app_d in (
+        ("--batch-size", 256),
+        ("--k-background", 4096),
+        ("--kmeans-k", 30000),
+        ("--knn-k", 200),
+    ):
         assert f"{flag} 48 (App. D: {app_d})" in line
     assert "LA trains as BALL" in line  # 48 clusters of 48 images: C_i = {i}, Theorem 5.4
     (cfg,) = rows(out, "config")
-    assert (cfg["batch_size"], cfg["k_background"], cfg["kmeans_k"], cfg["knn_k"]) == (48, 48, 48, 48)
+    assert (cfg["batch_size"], cfg["k_background"], cfg["kmeans_k"], cfg["knn_k"]) == (
+        48,
+        48,
+        48,
+        48,
+    )
     assert cfg["defaults_note"] == line
     assert rows(out, "epoch")[0]["step"] == 1  # one batch of all 48 images
     # the trainer asked, once, whether LA's k-means will run on the CPU beside a GPU bank
@@ -566,15 +830,24 @@ def test_data_sized_defaults_fit_a_small_train_set_and_say_so(data, tmp_path, ca
 
 def test_kmeans_warning_names_the_job_for_la_on_a_gpu(monkeypatch):
     import local_agg
+
     monkeypatch.setattr(local_agg, "_WARNED_KMEANS_ON_CPU", False)
-    monkeypatch.setattr(local_agg, "faiss_has_gpu", lambda: False)  # as with faiss-cpu, whatever is installed
+    monkeypatch.setattr(
+        local_agg, "faiss_has_gpu", lambda: False
+    )  # as with faiss-cpu, whatever is installed
     parser = it.build_parser()
-    la, ir = parser.parse_args(["--algo", "la", "--kmeans-k", "30000"]), parser.parse_args(["--algo", "ir"])
+    la, ir = (
+        parser.parse_args(["--algo", "la", "--kmeans-k", "30000"]),
+        parser.parse_args(["--algo", "ir"]),
+    )
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     assert not it.kmeans_device_warning(ir, cuda, it.IMAGENET_TRAIN_SIZE)
     assert not it.kmeans_device_warning(la, torch.device("cpu"), it.IMAGENET_TRAIN_SIZE)
-    with pytest.warns(RuntimeWarning, match=r"k-means on the CPU: .*10 clustering\(s\) of N=1,281,167 rows into "
-                                            r"30,000 clusters.*faiss-gpu"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"k-means on the CPU: .*10 clustering\(s\) of N=1,281,167 rows into "
+        r"30,000 clusters.*faiss-gpu",
+    ):
         assert it.kmeans_device_warning(la, cuda, it.IMAGENET_TRAIN_SIZE)
     assert not it.kmeans_device_warning(la, cuda, it.IMAGENET_TRAIN_SIZE)  # once per process
 
@@ -592,7 +865,14 @@ def test_host_checks_happen_every_log_every_steps_and_before_each_save(data, tmp
 
 
 def test_training_stages_are_named_and_the_step_fits_a_screen():
-    for stage in (it.set_up, it.resume, it.train_one_epoch, it.end_of_epoch, it.after_training, it.main):
+    for stage in (
+        it.set_up,
+        it.resume,
+        it.train_one_epoch,
+        it.end_of_epoch,
+        it.after_training,
+        it.main,
+    ):
         assert stage.__doc__
     for function, most in ((it.train_step, 40), (it.train_one_epoch, 60), (it.main, 40)):
         assert len(inspect.getsource(function).splitlines()) <= most, function.__name__
@@ -603,6 +883,7 @@ def test_training_stages_are_named_and_the_step_fits_a_screen():
 # -----------------------------------------------------------------------------
 def test_plot_draws_accuracy_per_epoch_with_linear_and_paper_markers_apart(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
+
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
 
@@ -615,17 +896,31 @@ def test_plot_draws_accuracy_per_epoch_with_linear_and_paper_markers_apart(tmp_p
         path.parent.mkdir()
         path.write_text("".join(json.dumps(r) + "\n" for r in lines))
         return str(path)
-    paths = [log("ir_init", "ir", [0.01, 0.05]), log("la", "la", [0.10, 0.20, 0.25], init_epoch=2, linear=0.4)]
+
+    paths = [
+        log("ir_init", "ir", [0.01, 0.05]),
+        log("la", "la", [0.10, 0.20, 0.25], init_epoch=2, linear=0.4),
+    ]
     it.plot_logs(paths, str(tmp_path / "f.png"), paper=True)
     (fig,) = figures
     ax_a = fig.axes[0]
     curves = {line.get_label(): line for line in ax_a.lines if line.get_linestyle() == "-"}
     la = curves["la (la)"]
-    assert list(la.get_xdata()) == [3, 4, 5] and list(la.get_ydata()) == [0.10, 0.20, 0.25]  # starts after IR
+    assert list(la.get_xdata()) == [3, 4, 5] and list(la.get_ydata()) == [
+        0.10,
+        0.20,
+        0.25,
+    ]  # starts after IR
     assert list(curves["ir (ir_init)"].get_xdata()) == [1, 2]
     stars = [line for line in ax_a.lines if line.get_marker() == "*"]
-    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [([5], [0.4])]  # linear: apart, at its epoch
-    hollow = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax_a.lines if line.get_marker() == "o"]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [
+        ([5], [0.4])
+    ]  # linear: apart, at its epoch
+    hollow = [
+        (line.get_xdata()[0], line.get_ydata()[0])
+        for line in ax_a.lines
+        if line.get_marker() == "o"
+    ]
     assert hollow == [(e, acc) for _, e, acc in it.PAPER_FIGURE2["a"]]
     assert any("read off" in t.get_text() for t in ax_a.get_legend().get_texts())
     assert [ax.get_xlabel() for ax in fig.axes] == ["epoch"] * 3
