@@ -86,18 +86,27 @@ from infonce import infonce_loss
 # ---------------------------------------------------------------------------
 # The paper's settings (Sec. 4.3 and Figure 1); the command line changes each.
 # ---------------------------------------------------------------------------
-ETAS = (0.0, 0.1, 0.25, 0.4, 0.5, 1.0, 2.5, 5.0)   # Figure 1a / 1d
-N_TRAIN = 12_800        # 10k iterations of batch 128 = 100 epochs (Sec. 4.3)
-N_TEST = 12_800         # held-out points for the transfer task
+ETAS = (0.0, 0.1, 0.25, 0.4, 0.5, 1.0, 2.5, 5.0)  # Figure 1a / 1d
+N_TRAIN = 12_800  # 10k iterations of batch 128 = 100 epochs (Sec. 4.3)
+N_TEST = 12_800  # held-out points for the transfer task
 ITERS = 10_000
 BATCH_SIZE = 128
-NEGATIVES = 4096        # "4096 negative samples drawn from the training dataset": K - 1 in Eq. 5
+NEGATIVES = 4096  # "4096 negative samples drawn from the training dataset": K - 1 in Eq. 5
 LR, MOMENTUM, WEIGHT_DECAY = 0.03, 0.9, 1e-5
-TAU = 1.0               # read off Figure 1c (see the module docstring); IR's usual value is 0.07
-ALPHA = 0.5             # Eq. 7 bank update rate, IR's default
-INNER_RADIUS, OUTER_RADIUS, TURNS = 0.2, 1.0, 1.0   # Figure 1a
+TAU = 1.0  # read off Figure 1c (see the module docstring); IR's usual value is 0.07
+ALPHA = 0.5  # Eq. 7 bank update rate, IR's default
+INNER_RADIUS, OUTER_RADIUS, TURNS = 0.2, 1.0, 1.0  # Figure 1a
 # Final test accuracies read off Figure 1d (one run per eta; the curves are noisy).
-PAPER_ACCURACY = {0.0: 0.435, 0.1: 0.61, 0.25: 0.575, 0.4: 0.70, 0.5: 0.475, 1.0: 0.49, 2.5: 0.485, 5.0: 0.515}
+PAPER_ACCURACY = {
+    0.0: 0.435,
+    0.1: 0.61,
+    0.25: 0.575,
+    0.4: 0.70,
+    0.5: 0.475,
+    1.0: 0.49,
+    2.5: 0.485,
+    5.0: 0.515,
+}
 # Below this many nats of log K - loss the objective learned nothing and the
 # probe reports chance; see evaluate().  Measured over 5 seeds x 100 epochs at
 # the defaults: at eta = 5, log K - loss never exceeded 0.021; at eta = 2.5 it
@@ -117,7 +126,9 @@ DEMO_ARGV = ["--sweep", "0", "0.4", "1", "5", "--iters", "1500", "--n-test", "40
 # ---------------------------------------------------------------------------
 # Data and views (Sec. 4.1, 4.3)
 # ---------------------------------------------------------------------------
-def make_spirals(n, inner_radius=INNER_RADIUS, outer_radius=OUTER_RADIUS, turns=TURNS, generator=None):
+def make_spirals(
+    n, inner_radius=INNER_RADIUS, outer_radius=OUTER_RADIUS, turns=TURNS, generator=None
+):
     """Two interleaved Archimedean spirals, one per class (Figure 1a).
 
     Returns points [n, 2] (float32) and labels [n] (int64: 0, 1, 0, 1, ...).
@@ -130,12 +141,14 @@ def make_spirals(n, inner_radius=INNER_RADIUS, outer_radius=OUTER_RADIUS, turns=
     _check_int("n", n, low=2)
     _check_positive("turns", turns)
     if not 0 <= inner_radius < outer_radius:
-        raise ValueError(f"need 0 <= inner_radius < outer_radius, got {inner_radius} and {outer_radius}")
+        raise ValueError(
+            f"need 0 <= inner_radius < outer_radius, got {inner_radius} and {outer_radius}"
+        )
     labels = torch.arange(n) % 2
-    t = torch.rand(n, generator=generator)                     # position along the spiral, uniform in angle
+    t = torch.rand(n, generator=generator)  # position along the spiral, uniform in angle
     angle = 2 * math.pi * turns * t
     radius = inner_radius + (outer_radius - inner_radius) * t
-    sign = 1.0 - 2.0 * labels                                 # spiral 1 = -spiral 0
+    sign = 1.0 - 2.0 * labels  # spiral 1 = -spiral 0
     points = (sign * radius)[:, None] * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
     return points, labels
 
@@ -209,8 +222,8 @@ def ir_scores(z, bank, idx, negative_idx, tau):
     uniformly from the training set, shared by the batch (a negative may be
     x_i itself, as in IR).
     """
-    positive = (z * bank[idx]).sum(dim=1, keepdim=True)        # [B, 1]
-    negative = z @ bank[negative_idx].T                        # [B, K]
+    positive = (z * bank[idx]).sum(dim=1, keepdim=True)  # [B, 1]
+    negative = z @ bank[negative_idx].T  # [B, K]
     return torch.cat([positive, negative], dim=1) / tau
 
 
@@ -241,9 +254,24 @@ def loss_floor(negatives, tau):
     return math.log1p(negatives * i0e)
 
 
-def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVES, lr=LR, momentum=MOMENTUM,
-             weight_decay=WEIGHT_DECAY, tau=TAU, alpha=ALPHA, seed=0, device="cpu", after_epoch=None,
-             progress=True, label="", init="he"):
+def train_ir(
+    points,
+    eta,
+    iters=ITERS,
+    batch_size=BATCH_SIZE,
+    negatives=NEGATIVES,
+    lr=LR,
+    momentum=MOMENTUM,
+    weight_decay=WEIGHT_DECAY,
+    tau=TAU,
+    alpha=ALPHA,
+    seed=0,
+    device="cpu",
+    after_epoch=None,
+    progress=True,
+    label="",
+    init="he",
+):
     """Sec. 4.3: train the encoder with IR on views of `points` [N, 2] (no labels).
 
     Returns (encoder, bank [N, 2], losses): losses holds every step's
@@ -254,14 +282,20 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
     loss, rate, time left) is printed every ~2 s if `progress`.
     """
     n = points.shape[0]
-    check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha)
-    torch.manual_seed(seed)                                   # initial weights
-    generator = torch.Generator().manual_seed(seed + 1)       # views, order, negatives
+    check_training_settings(
+        n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha
+    )
+    torch.manual_seed(seed)  # initial weights
+    generator = torch.Generator().manual_seed(seed + 1)  # views, order, negatives
     points = points.to(device)
     encoder = make_encoder(init=init).to(device)
-    optimizer = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    with torch.no_grad():  # the bank starts as the untrained encoder's embedding of one view per point
-        bank = F.normalize(encoder(sample_views(points, eta, generator)), dim=1)   # [N, 2]
+    optimizer = torch.optim.SGD(
+        encoder.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    with (
+        torch.no_grad()
+    ):  # the bank starts as the untrained encoder's embedding of one view per point
+        bank = F.normalize(encoder(sample_views(points, eta, generator)), dim=1)  # [N, 2]
 
     steps_per_epoch = n // batch_size
     losses, note = [], ""
@@ -269,17 +303,19 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
     for it in range(iters):
         step = it % steps_per_epoch
         if step == 0:
-            order = torch.randperm(n, generator=generator).to(device)          # a new epoch
-        idx = order[step * batch_size:(step + 1) * batch_size]
-        views = sample_views(points[idx], eta, generator)                     # v(x_i, a), a fresh a
-        negative_idx = torch.randint(n, (negatives,), generator=generator).to(device)  # x_2..x_K ~ uniform
+            order = torch.randperm(n, generator=generator).to(device)  # a new epoch
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        views = sample_views(points[idx], eta, generator)  # v(x_i, a), a fresh a
+        negative_idx = torch.randint(n, (negatives,), generator=generator).to(
+            device
+        )  # x_2..x_K ~ uniform
 
-        z = F.normalize(encoder(views), dim=1)                                # unit 2-D embeddings
-        loss = infonce_loss(ir_scores(z, bank, idx, negative_idx, tau))       # Eq. 5 / Eq. 6
+        z = F.normalize(encoder(views), dim=1)  # unit 2-D embeddings
+        loss = infonce_loss(ir_scores(z, bank, idx, negative_idx, tau))  # Eq. 5 / Eq. 6
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        update_bank_(bank, idx, z.detach(), alpha)                            # Eq. 7
+        update_bank_(bank, idx, z.detach(), alpha)  # Eq. 7
         losses.append(loss.item())
 
         if after_epoch is not None and step == steps_per_epoch - 1:
@@ -288,28 +324,51 @@ def train_ir(points, eta, iters=ITERS, batch_size=BATCH_SIZE, negatives=NEGATIVE
         now = time.perf_counter()
         if progress and (now - last_print >= 2.0 or it + 1 == iters):
             rate = (it + 1) / (now - start)
-            print(f"{label}step {it + 1:>6}/{iters}  loss {losses[-1]:.3f}  {rate:,.0f} it/s  "
-                  f"{(iters - it - 1) / rate:5.1f} s left  {note}".rstrip(), flush=True)
+            print(
+                f"{label}step {it + 1:>6}/{iters}  loss {losses[-1]:.3f}  {rate:,.0f} it/s  "
+                f"{(iters - it - 1) / rate:5.1f} s left  {note}".rstrip(),
+                flush=True,
+            )
             last_print = now
     return encoder, bank, losses
 
 
-def check_training_settings(n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha):
+def check_training_settings(
+    n, eta, iters, batch_size, negatives, lr, momentum, weight_decay, tau, alpha
+):
     """Raise ValueError naming the setting (and its command-line flag) if it is out of range."""
     if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta (--eta / --sweep) must be a finite number >= 0 "
-                         f"(eta = 0 is the privileged view alone), got {eta}")
+        raise ValueError(
+            f"eta (--eta / --sweep) must be a finite number >= 0 "
+            f"(eta = 0 is the privileged view alone), got {eta}"
+        )
     _check_int("iters (--iters)", iters, low=1)
-    _check_int("batch_size (--batch-size)", batch_size, low=1, high=n, high_name="the number of training points")
-    _check_int("negatives (--negatives)", negatives, low=1, high=n, high_name="the number of training points")
+    _check_int(
+        "batch_size (--batch-size)",
+        batch_size,
+        low=1,
+        high=n,
+        high_name="the number of training points",
+    )
+    _check_int(
+        "negatives (--negatives)",
+        negatives,
+        low=1,
+        high=n,
+        high_name="the number of training points",
+    )
     _check_positive("lr (--lr)", lr)
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum (--momentum) must be in [0, 1), got {momentum}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay (--weight-decay) must be a finite number >= 0, got {weight_decay}")
+        raise ValueError(
+            f"weight_decay (--weight-decay) must be a finite number >= 0, got {weight_decay}"
+        )
     _check_positive("tau (--tau)", tau)
     if not 0 <= alpha < 1:
-        raise ValueError(f"alpha (--alpha) must be in [0, 1) (Eq. 7; 0 = the bank holds the latest view), got {alpha}")
+        raise ValueError(
+            f"alpha (--alpha) must be in [0, 1) (Eq. 7; 0 = the bank holds the latest view), got {alpha}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -332,7 +391,9 @@ def fit_logistic_regression(features, labels, l2=1e-4, max_steps=100):
         p = torch.sigmoid(x @ theta)
         gradient = x.T @ (p - y) / len(x) + ridge * theta
         hessian = (x * (p * (1 - p))[:, None]).T @ x / len(x) + torch.diag(ridge)
-        hessian += 1e-12 * torch.eye(len(theta), dtype=torch.float64)  # a constant feature: keep it solvable
+        hessian += 1e-12 * torch.eye(
+            len(theta), dtype=torch.float64
+        )  # a constant feature: keep it solvable
         step = torch.linalg.solve(hessian, gradient)
         theta -= step
         if step.abs().max() < 1e-10:
@@ -353,7 +414,7 @@ def transfer_accuracy(train_features, train_labels, test_features, test_labels, 
     representation "chance" and a spread-out one informative.
     """
     mean, std = train_features.mean(0), train_features.std(0)
-    std = torch.where(std > 0, std, torch.ones_like(std))   # a constant feature stays 0
+    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant feature stays 0
     weight, bias = fit_logistic_regression((train_features - mean) / std, train_labels, l2=l2)
     predictions = (((test_features - mean) / std).double() @ weight + bias > 0).long()
     return (predictions == test_labels).double().mean().item()
@@ -378,11 +439,13 @@ def evaluate(encoder, train_points, train_labels, test_points, test_labels, info
     reported beside the rule.
     """
     train_raw, test_raw = encode(encoder, train_points), encode(encoder, test_points)
-    majority = int(train_labels.double().mean() >= 0.5)   # the best constant guess
+    majority = int(train_labels.double().mean() >= 0.5)  # the best constant guess
     chance = (test_labels == majority).double().mean().item()
     result = {"information": information, "collapsed": information < MIN_INFORMATION}
     for name, transform in (("raw", lambda f: f), ("normalized", lambda f: F.normalize(f, dim=1))):
-        result[name + "_fit"] = transfer_accuracy(transform(train_raw), train_labels, transform(test_raw), test_labels)
+        result[name + "_fit"] = transfer_accuracy(
+            transform(train_raw), train_labels, transform(test_raw), test_labels
+        )
         result[name] = chance if result["collapsed"] else result[name + "_fit"]
     return result
 
@@ -402,34 +465,63 @@ def run_setting(eta, seed, args, label="", progress=True):
     curves = {key: [] for key in ("epoch",) + keys}
     probe_seconds = [0.0]
 
-    def after_epoch(epoch, encoder, epoch_loss):  # Figure 1d: the transfer accuracy after every epoch
+    def after_epoch(
+        epoch, encoder, epoch_loss
+    ):  # Figure 1d: the transfer accuracy after every epoch
         start = time.perf_counter()
         result = evaluate(encoder, *data, information=log_k - epoch_loss)
         probe_seconds[0] += time.perf_counter() - start
         curves["epoch"].append(epoch)
         for key in keys:
             curves[key].append(result[key])
-        return f"epoch {epoch}: accuracy {result['raw']:.3f} (normalized {result['normalized']:.3f})"
+        return (
+            f"epoch {epoch}: accuracy {result['raw']:.3f} (normalized {result['normalized']:.3f})"
+        )
 
     start = time.perf_counter()
-    encoder, _, losses = train_ir(train_points, eta, iters=args.iters, batch_size=args.batch_size,
-                                  negatives=args.negatives, lr=args.lr, momentum=args.momentum,
-                                  weight_decay=args.weight_decay, tau=args.tau, alpha=args.alpha, seed=seed,
-                                  device=args.device, after_epoch=after_epoch, progress=progress, label=label,
-                                  init=args.init)
+    encoder, _, losses = train_ir(
+        train_points,
+        eta,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        negatives=args.negatives,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        tau=args.tau,
+        alpha=args.alpha,
+        seed=seed,
+        device=args.device,
+        after_epoch=after_epoch,
+        progress=progress,
+        label=label,
+        init=args.init,
+    )
     seconds = time.perf_counter() - start
-    last_epoch = losses[-(args.n_train // args.batch_size):]    # the last epoch (or all of a shorter run)
+    last_epoch = losses[
+        -(args.n_train // args.batch_size) :
+    ]  # the last epoch (or all of a shorter run)
     final_loss = sum(last_epoch) / len(last_epoch)
     final = evaluate(encoder, *data, information=log_k - final_loss)
     return {
-        "eta": eta, "seed": seed, "losses": losses, "final_loss": final_loss,
-        "accuracy": final["raw"], "accuracy_normalized": final["normalized"],
-        "accuracy_fit": final["raw_fit"], "accuracy_normalized_fit": final["normalized_fit"],
-        "collapsed": final["collapsed"], "curves": curves, "encoder": encoder.cpu().state_dict(),
-        "seconds": seconds, "probe_seconds": probe_seconds[0],
+        "eta": eta,
+        "seed": seed,
+        "losses": losses,
+        "final_loss": final_loss,
+        "accuracy": final["raw"],
+        "accuracy_normalized": final["normalized"],
+        "accuracy_fit": final["raw_fit"],
+        "accuracy_normalized_fit": final["normalized_fit"],
+        "collapsed": final["collapsed"],
+        "curves": curves,
+        "encoder": encoder.cpu().state_dict(),
+        "seconds": seconds,
+        "probe_seconds": probe_seconds[0],
         # a linear probe on the raw (x, y) coordinates: the reference "chance" for this geometry
         "input_accuracy": transfer_accuracy(train_points, train_labels, test_points, test_labels),
-        "test_points": test_points, "test_labels": test_labels, "test_output": encode(encoder, test_points),
+        "test_points": test_points,
+        "test_labels": test_labels,
+        "test_output": encode(encoder, test_points),
     }
 
 
@@ -443,11 +535,14 @@ def plot_figure1(results, etas, args, path):
     """Figure 1 as the paper lays it out, from run_setting results: (a) views, (b) representations,
     (c) loss over iterations, (d) test accuracy after every epoch, (e) final accuracy against eta."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seeds = sorted({r["seed"] for r in results})
-    shown = {r["eta"]: r for r in results if r["seed"] == seeds[0]}    # (a)-(d): one run per eta, as the paper
+    shown = {
+        r["eta"]: r for r in results if r["seed"] == seeds[0]
+    }  # (a)-(d): one run per eta, as the paper
     colours = {eta: plt.cm.tab10(i % 10) for i, eta in enumerate(etas)}
     spiral_colours = ("tab:red", "tab:blue")
     fig = plt.figure(figsize=(2.0 * max(len(etas), 6), 11))
@@ -457,11 +552,19 @@ def plot_figure1(results, etas, args, path):
     for k, eta in enumerate(etas):
         r = shown[eta]
         points, labels = r["test_points"][:4000], r["test_labels"][:4000]
-        for row, drawn, title in ((0, sample_views(points, eta, generator), f"noise: {eta:g}"),
-                                  (1, r["test_output"][:4000], f"noise: {eta:g}, acc {r['accuracy']:.2f}")):
+        for row, drawn, title in (
+            (0, sample_views(points, eta, generator), f"noise: {eta:g}"),
+            (1, r["test_output"][:4000], f"noise: {eta:g}, acc {r['accuracy']:.2f}"),
+        ):
             ax = fig.add_subplot(rows[row][0, k])
             for c in (0, 1):
-                ax.scatter(drawn[labels == c, 0], drawn[labels == c, 1], s=1, c=spiral_colours[c], rasterized=True)
+                ax.scatter(
+                    drawn[labels == c, 0],
+                    drawn[labels == c, 1],
+                    s=1,
+                    c=spiral_colours[c],
+                    rasterized=True,
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(title, fontsize=9)
@@ -472,7 +575,7 @@ def plot_figure1(results, etas, args, path):
             fig.axes[-1].set_ylabel("(b) raw encoder\noutput", fontsize=9)
 
     bottom = grid[2].subgridspec(1, 3, wspace=0.28)
-    ax = fig.add_subplot(bottom[0, 0])      # (c) the InfoNCE loss at every iteration
+    ax = fig.add_subplot(bottom[0, 0])  # (c) the InfoNCE loss at every iteration
     for eta in etas:
         ax.plot(shown[eta]["losses"], color=colours[eta], lw=0.6, label=f"noise={eta:g}")
     log_k, floor = math.log(args.negatives + 1), loss_floor(args.negatives, args.tau)
@@ -486,10 +589,16 @@ def plot_figure1(results, etas, args, path):
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(f"(c) training loss (seed {seeds[0]})", fontsize=9)
 
-    ax = fig.add_subplot(bottom[0, 1])      # (d) test accuracy after every epoch
+    ax = fig.add_subplot(bottom[0, 1])  # (d) test accuracy after every epoch
     for eta in etas:
         curve = shown[eta]["curves"]
-        ax.plot(curve["epoch"], curve["raw"], color=colours[eta], lw=2.2 if eta == 0.4 else 1, label=f"noise={eta:g}")
+        ax.plot(
+            curve["epoch"],
+            curve["raw"],
+            color=colours[eta],
+            lw=2.2 if eta == 0.4 else 1,
+            label=f"noise={eta:g}",
+        )
     ax.axhline(0.5, ls=":", c="gray", lw=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (linear probe, raw output)")
@@ -497,13 +606,22 @@ def plot_figure1(results, etas, args, path):
     ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax.set_title(f"(d) transfer accuracy after every epoch (seed {seeds[0]})", fontsize=9)
 
-    ax = fig.add_subplot(bottom[0, 2])      # (e) final accuracy against eta, over seeds
+    ax = fig.add_subplot(bottom[0, 2])  # (e) final accuracy against eta, over seeds
     xs = list(range(len(etas)))
-    for key, name, fmt in (("accuracy", "raw output (headline)", "o-k"),
-                           ("accuracy_normalized", "normalized output", "s--")):
+    for key, name, fmt in (
+        ("accuracy", "raw output (headline)", "o-k"),
+        ("accuracy_normalized", "normalized output", "s--"),
+    ):
         stats = [mean_std([r[key] for r in results if r["eta"] == eta]) for eta in etas]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=fmt, capsize=3, ms=4,
-                    label=f"{name}, mean +- std, {len(seeds)} seed(s)")
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            fmt=fmt,
+            capsize=3,
+            ms=4,
+            label=f"{name}, mean +- std, {len(seeds)} seed(s)",
+        )
     paper = [(x, PAPER_ACCURACY[eta]) for x, eta in zip(xs, etas) if eta in PAPER_ACCURACY]
     if paper:
         ax.plot(*zip(*paper), "r*", ms=10, label="paper, Figure 1d (one run)")
@@ -514,8 +632,11 @@ def plot_figure1(results, etas, args, path):
     ax.set_ylim(0.35, 1.0)
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("(e) final accuracy against noise", fontsize=9)
-    fig.suptitle(f"Figure 1 (Sec. 4.3): IR on two spirals, views v(x) = x + U(0, eta)^2, tau = {args.tau:g}, "
-                 f"{args.iters} iterations", fontsize=11)
+    fig.suptitle(
+        f"Figure 1 (Sec. 4.3): IR on two spirals, views v(x) = x + U(0, eta)^2, tau = {args.tau:g}, "
+        f"{args.iters} iterations",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=60, bbox_inches="tight")
     plt.close(fig)
     return fig
@@ -525,7 +646,12 @@ def plot_figure1(results, etas, args, path):
 # Command line
 # ---------------------------------------------------------------------------
 def _check_int(name, value, low, high=None, high_name=None):
-    if isinstance(value, bool) or int(value) != value or value < low or (high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or int(value) != value
+        or value < low
+        or (high is not None and value > high)
+    ):
         limit = f"between {low} and {high} ({high_name})" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer {limit}, got {value}")
 
@@ -546,56 +672,128 @@ def build_parser():
     p = _Parser(
         prog="spiral.py",
         description="Sec. 4.3 / Figure 1: IR (InfoNCE with a memory bank) on two spirals, views "
-                    "v(x) = x + U(0, eta)^2, transfer = a linear probe predicting the spiral. "
-                    f"With no arguments: a short demo, the same as  {' '.join(DEMO_ARGV)}.")
-    p.add_argument("--eta", type=float, default=0.4,
-                   help="view noise of Sec. 4.1: each coordinate of x gets U(0, eta) added (0 = the privileged "
-                        "view x alone); default 0.4, the paper's best")
-    p.add_argument("--sweep", type=float, nargs="*", default=None, metavar="ETA",
-                   help="train one model per eta and save Figure 1 (no values: Figure 1's "
-                        f"{' '.join(f'{e:g}' for e in ETAS)})")
-    p.add_argument("--seeds", type=int, default=1, help="repeat every eta over this many seeds; report mean and std")
-    p.add_argument("--seed", type=int, default=0, help="first seed (data, initial weights, views, negatives)")
-    p.add_argument("--iters", type=int, default=ITERS, help="SGD iterations (paper: 10k = 100 epochs)")
-    p.add_argument("--n-train", type=int, default=N_TRAIN,
-                   help="training points, both spirals together, no labels used (default 12,800: 100 epochs "
-                        "of 128 in 10k iterations)")
-    p.add_argument("--n-test", type=int, default=N_TEST, help="held-out points for the transfer task")
+        "v(x) = x + U(0, eta)^2, transfer = a linear probe predicting the spiral. "
+        f"With no arguments: a short demo, the same as  {' '.join(DEMO_ARGV)}.",
+    )
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=0.4,
+        help="view noise of Sec. 4.1: each coordinate of x gets U(0, eta) added (0 = the privileged "
+        "view x alone); default 0.4, the paper's best",
+    )
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="ETA",
+        help="train one model per eta and save Figure 1 (no values: Figure 1's "
+        f"{' '.join(f'{e:g}' for e in ETAS)})",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat every eta over this many seeds; report mean and std",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="first seed (data, initial weights, views, negatives)"
+    )
+    p.add_argument(
+        "--iters", type=int, default=ITERS, help="SGD iterations (paper: 10k = 100 epochs)"
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=N_TRAIN,
+        help="training points, both spirals together, no labels used (default 12,800: 100 epochs "
+        "of 128 in 10k iterations)",
+    )
+    p.add_argument(
+        "--n-test", type=int, default=N_TEST, help="held-out points for the transfer task"
+    )
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch size (paper: 128)")
-    p.add_argument("--negatives", type=int, default=NEGATIVES,
-                   help="negatives per step drawn from the memory bank, K - 1 in Eq. 5 (paper: 4096)")
+    p.add_argument(
+        "--negatives",
+        type=int,
+        default=NEGATIVES,
+        help="negatives per step drawn from the memory bank, K - 1 in Eq. 5 (paper: 4096)",
+    )
     p.add_argument("--lr", type=float, default=LR, help="SGD learning rate (paper: 0.03)")
     p.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (paper: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="SGD weight decay (paper: 1e-5)")
-    p.add_argument("--tau", type=float, default=TAU,
-                   help="temperature of the critic z.M / tau (default 1, as Figure 1c's loss floor implies; "
-                        "IR uses 0.07)")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="memory bank update rate alpha of Eq. 7 (IR: 0.5)")
-    p.add_argument("--inner-radius", type=float, default=INNER_RADIUS,
-                   help="radius where each spiral starts (Figure 1a: 0.2)")
-    p.add_argument("--outer-radius", type=float, default=OUTER_RADIUS,
-                   help="radius where each spiral ends (Figure 1a: 1.0); the arms are (outer - inner) / "
-                        "(2 turns) apart")
-    p.add_argument("--turns", type=float, default=TURNS,
-                   help="turns of each spiral (Figure 1a: 1; whole turns keep a probe on the raw (x, y) at chance)")
-    p.add_argument("--init", choices=("he", "default"), default="he",
-                   help="initial weights of the encoder: he (Kaiming, zero biases; the default) or PyTorch's "
-                        "default Linear init (the paper does not say)")
-    p.add_argument("--out", default=None,
-                   help="figure path (default out/spiral_eta<eta>.png, or out/figure1_spiral.png with --sweep)")
-    p.add_argument("--results", default=None, metavar="PATH",
-                   help="save every finished run here (torch.save); runs already saved with the same settings "
-                        "are loaded, not retrained, so an interrupted sweep resumes")
+    p.add_argument(
+        "--weight-decay", type=float, default=WEIGHT_DECAY, help="SGD weight decay (paper: 1e-5)"
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=TAU,
+        help="temperature of the critic z.M / tau (default 1, as Figure 1c's loss floor implies; "
+        "IR uses 0.07)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=ALPHA,
+        help="memory bank update rate alpha of Eq. 7 (IR: 0.5)",
+    )
+    p.add_argument(
+        "--inner-radius",
+        type=float,
+        default=INNER_RADIUS,
+        help="radius where each spiral starts (Figure 1a: 0.2)",
+    )
+    p.add_argument(
+        "--outer-radius",
+        type=float,
+        default=OUTER_RADIUS,
+        help="radius where each spiral ends (Figure 1a: 1.0); the arms are (outer - inner) / "
+        "(2 turns) apart",
+    )
+    p.add_argument(
+        "--turns",
+        type=float,
+        default=TURNS,
+        help="turns of each spiral (Figure 1a: 1; whole turns keep a probe on the raw (x, y) at chance)",
+    )
+    p.add_argument(
+        "--init",
+        choices=("he", "default"),
+        default="he",
+        help="initial weights of the encoder: he (Kaiming, zero biases; the default) or PyTorch's "
+        "default Linear init (the paper does not say)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="figure path (default out/spiral_eta<eta>.png, or out/figure1_spiral.png with --sweep)",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        metavar="PATH",
+        help="save every finished run here (torch.save); runs already saved with the same settings "
+        "are loaded, not retrained, so an interrupted sweep resumes",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help="CPU threads for torch (default 1: the tensors are small, and on a busy machine two "
-                        "threads wait on each other)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="CPU threads for torch (default 1: the tensors are small, and on a busy machine two "
+        "threads wait on each other)",
+    )
     return p
 
 
 def check_args(args):
     """Every check that can fail, before any training: raises ValueError naming the flag."""
-    etas = list(ETAS) if args.sweep is not None and len(args.sweep) == 0 else (args.sweep or [args.eta])
+    etas = (
+        list(ETAS)
+        if args.sweep is not None and len(args.sweep) == 0
+        else (args.sweep or [args.eta])
+    )
     _check_int("--seeds", args.seeds, low=1)
     _check_int("--n-train", args.n_train, low=2)
     _check_int("--n-test", args.n_test, low=2)
@@ -604,11 +802,23 @@ def check_args(args):
     if not (math.isfinite(args.inner_radius) and args.inner_radius >= 0):
         raise ValueError(f"--inner-radius must be a finite number >= 0, got {args.inner_radius}")
     if not (math.isfinite(args.outer_radius) and args.outer_radius > args.inner_radius):
-        raise ValueError(f"--outer-radius must be a finite number > --inner-radius ({args.inner_radius}), "
-                         f"got {args.outer_radius}")
+        raise ValueError(
+            f"--outer-radius must be a finite number > --inner-radius ({args.inner_radius}), "
+            f"got {args.outer_radius}"
+        )
     for eta in etas:
-        check_training_settings(args.n_train, eta, args.iters, args.batch_size, args.negatives, args.lr,
-                                args.momentum, args.weight_decay, args.tau, args.alpha)
+        check_training_settings(
+            args.n_train,
+            eta,
+            args.iters,
+            args.batch_size,
+            args.negatives,
+            args.lr,
+            args.momentum,
+            args.weight_decay,
+            args.tau,
+            args.alpha,
+        )
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -618,7 +828,9 @@ def check_args(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     if args.out is None:
-        args.out = os.path.join("out", "figure1_spiral.png" if args.sweep is not None else f"spiral_eta{etas[0]:g}.png")
+        args.out = os.path.join(
+            "out", "figure1_spiral.png" if args.sweep is not None else f"spiral_eta{etas[0]:g}.png"
+        )
     _check_writable_file("--out", args.out, image=True)
     if args.results is not None:
         _check_writable_file("--results", args.results)
@@ -628,23 +840,42 @@ def check_args(args):
 def _check_writable_file(flag, path, image=False):
     if image:
         from matplotlib.backend_bases import FigureCanvasBase
+
         formats = FigureCanvasBase.get_supported_filetypes()
         if os.path.splitext(path)[1].lstrip(".").lower() not in formats:
-            raise ValueError(f"{flag} {path!r}: the file name must end in an image format matplotlib "
-                             f"writes ({', '.join('.' + f for f in sorted(formats))})")
+            raise ValueError(
+                f"{flag} {path!r}: the file name must end in an image format matplotlib "
+                f"writes ({', '.join('.' + f for f in sorted(formats))})"
+            )
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a directory; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"{flag} {path!r}: cannot create the folder {folder!r} ({error.strerror})") from None
+        raise ValueError(
+            f"{flag} {path!r}: cannot create the folder {folder!r} ({error.strerror})"
+        ) from None
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f"{flag} {path!r} is not writable")
 
 
-SETTINGS = ("iters", "n_train", "n_test", "batch_size", "negatives", "lr", "momentum", "weight_decay", "tau",
-            "alpha", "inner_radius", "outer_radius", "turns", "init")
+SETTINGS = (
+    "iters",
+    "n_train",
+    "n_test",
+    "batch_size",
+    "negatives",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "tau",
+    "alpha",
+    "inner_radius",
+    "outer_radius",
+    "turns",
+    "init",
+)
 
 
 def load_saved_runs(args):
@@ -655,19 +886,27 @@ def load_saved_runs(args):
         saved = torch.load(args.results, weights_only=False)
         settings, runs = saved["settings"], saved["runs"]
     except Exception as error:  # not a file this program wrote
-        raise ValueError(f"--results {args.results!r} cannot be read as saved runs ({error})") from None
-    differ = {name: settings.get(name) for name in SETTINGS if settings.get(name) != getattr(args, name)}
+        raise ValueError(
+            f"--results {args.results!r} cannot be read as saved runs ({error})"
+        ) from None
+    differ = {
+        name: settings.get(name) for name in SETTINGS if settings.get(name) != getattr(args, name)
+    }
     if differ:
-        raise ValueError(f"--results {args.results!r} holds runs made with other settings ({differ}); "
-                         f"give another path or the same settings")
+        raise ValueError(
+            f"--results {args.results!r} holds runs made with other settings ({differ}); "
+            f"give another path or the same settings"
+        )
     return {(r["eta"], r["seed"]): r for r in runs}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        print(f"Demo (a short sweep): python spiral.py {' '.join(DEMO_ARGV)}\n"
-              f"The paper's run: python spiral.py --eta 0.4    Figure 1: python spiral.py --sweep\n")
+        print(
+            f"Demo (a short sweep): python spiral.py {' '.join(DEMO_ARGV)}\n"
+            f"The paper's run: python spiral.py --eta 0.4    Figure 1: python spiral.py --sweep\n"
+        )
         argv = list(DEMO_ARGV)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -679,20 +918,24 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seed, args.seed + args.seeds))
     log_k = math.log(args.negatives + 1)
-    print(f"IR on two spirals (radius {args.inner_radius:g} to {args.outer_radius:g}, {args.turns:g} turn(s)): "
-          f"{args.n_train} training points, K = {args.negatives} + 1 (log K = {log_k:.3f}), tau = {args.tau:g}, "
-          f"alpha = {args.alpha:g}, {args.iters} iterations; etas {[f'{e:g}' for e in etas]}, seeds {seeds}")
+    print(
+        f"IR on two spirals (radius {args.inner_radius:g} to {args.outer_radius:g}, {args.turns:g} turn(s)): "
+        f"{args.n_train} training points, K = {args.negatives} + 1 (log K = {log_k:.3f}), tau = {args.tau:g}, "
+        f"alpha = {args.alpha:g}, {args.iters} iterations; etas {[f'{e:g}' for e in etas]}, seeds {seeds}"
+    )
 
     results = []
     total = len(etas) * len(seeds)
     for i, (seed, eta) in enumerate([(s, e) for s in seeds for e in etas]):
         label = f"[{i + 1}/{total}] eta={eta:g} seed={seed}  "
         r = saved.get((eta, seed)) or run_setting(eta, seed, args, label=label)
-        print(f"{label}final loss {r['final_loss']:.3f} (log K = {log_k:.3f}), transfer accuracy "
-              f"{r['accuracy']:.3f} (normalized {r['accuracy_normalized']:.3f}"
-              f"{', loss at log K: chance' if r['collapsed'] else ''})  ({r['seconds']:.1f} s, of which probe "
-              f"{r['probe_seconds']:.1f} s over {len(r['curves']['epoch'])} epochs){'  [saved]' if (eta, seed) in saved else ''}",
-              flush=True)
+        print(
+            f"{label}final loss {r['final_loss']:.3f} (log K = {log_k:.3f}), transfer accuracy "
+            f"{r['accuracy']:.3f} (normalized {r['accuracy_normalized']:.3f}"
+            f"{', loss at log K: chance' if r['collapsed'] else ''})  ({r['seconds']:.1f} s, of which probe "
+            f"{r['probe_seconds']:.1f} s over {len(r['curves']['epoch'])} epochs){'  [saved]' if (eta, seed) in saved else ''}",
+            flush=True,
+        )
         results.append(r)
         saved[eta, seed] = r
         if args.results is not None:
@@ -700,22 +943,34 @@ def main(argv=None):
             torch.save({"settings": settings, "runs": list(saved.values())}, args.results)
 
     print()
-    sample = make_spirals(4000, args.inner_radius, args.outer_radius, args.turns, torch.Generator().manual_seed(0))
-    print(f"{'eta':>5} | {'views shared':>12} | {'final loss':>15} | {'accuracy (raw)':>15} | "
-          f"{'(normalized)':>15} | at log K | paper")
+    sample = make_spirals(
+        4000, args.inner_radius, args.outer_radius, args.turns, torch.Generator().manual_seed(0)
+    )
+    print(
+        f"{'eta':>5} | {'views shared':>12} | {'final loss':>15} | {'accuracy (raw)':>15} | "
+        f"{'(normalized)':>15} | at log K | paper"
+    )
     for eta in etas:
         runs = [r for r in results if r["eta"] == eta]
-        loss, raw, normalized = (mean_std([r[key] for r in runs]) for key in ("final_loss", "accuracy",
-                                                                              "accuracy_normalized"))
+        loss, raw, normalized = (
+            mean_std([r[key] for r in runs])
+            for key in ("final_loss", "accuracy", "accuracy_normalized")
+        )
         paper = f"{PAPER_ACCURACY[eta]:.3f}" if eta in PAPER_ACCURACY else "-"
-        print(f"{eta:>5g} | {shared_view_fraction(*sample, eta):12.2f} | {loss[0]:7.3f} +- {loss[1]:5.3f} | "
-              f"{raw[0]:6.3f} +- {raw[1]:5.3f} | {normalized[0]:6.3f} +- {normalized[1]:5.3f} | "
-              f"{sum(r['collapsed'] for r in runs):>4}/{len(runs):<3} | {paper}")
-    print("(views shared: fraction of points whose views can also be views of the other spiral, Sec. 4.2; "
-          "accuracy: linear probe on the raw 2-D output, mean +- std over seeds)")
-    print(f"linear probe on the raw (x, y) coordinates: {mean_std([r['input_accuracy'] for r in results])[0]:.3f} "
-          f"(chance for this geometry); log K = {log_k:.3f} (nothing learned); "
-          f"loss_floor = {loss_floor(args.negatives, args.tau):.3f} (the best any 2-D embedding can do)")
+        print(
+            f"{eta:>5g} | {shared_view_fraction(*sample, eta):12.2f} | {loss[0]:7.3f} +- {loss[1]:5.3f} | "
+            f"{raw[0]:6.3f} +- {raw[1]:5.3f} | {normalized[0]:6.3f} +- {normalized[1]:5.3f} | "
+            f"{sum(r['collapsed'] for r in runs):>4}/{len(runs):<3} | {paper}"
+        )
+    print(
+        "(views shared: fraction of points whose views can also be views of the other spiral, Sec. 4.2; "
+        "accuracy: linear probe on the raw 2-D output, mean +- std over seeds)"
+    )
+    print(
+        f"linear probe on the raw (x, y) coordinates: {mean_std([r['input_accuracy'] for r in results])[0]:.3f} "
+        f"(chance for this geometry); log K = {log_k:.3f} (nothing learned); "
+        f"loss_floor = {loss_floor(args.negatives, args.tau):.3f} (the best any 2-D embedding can do)"
+    )
     plot_figure1(results, etas, args, args.out)
     print(f"saved {args.out}")
     return results

@@ -47,20 +47,24 @@ def baseline_run(eta, iters, per_row_negatives, seed=0):
     test, test_labels = spiral.make_spirals(spiral.N_TEST, generator=g)
     torch.manual_seed(seed)
     encoder = spiral.make_encoder()
-    optimizer = torch.optim.SGD(encoder.parameters(), lr=spiral.LR, momentum=spiral.MOMENTUM,
-                                weight_decay=spiral.WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        encoder.parameters(),
+        lr=spiral.LR,
+        momentum=spiral.MOMENTUM,
+        weight_decay=spiral.WEIGHT_DECAY,
+    )
     with torch.no_grad():
         bank = F.normalize(encoder(train + eta * torch.rand(n, 2)), dim=1)
     steps_per_epoch, epoch_losses = n // batch, []
     for it in range(iters):
         if it % steps_per_epoch == 0:
             order = torch.randperm(n)
-        idx = order[it % steps_per_epoch * batch:(it % steps_per_epoch + 1) * batch]
+        idx = order[it % steps_per_epoch * batch : (it % steps_per_epoch + 1) * batch]
         z = F.normalize(encoder(train[idx] + eta * torch.rand(batch, 2)), dim=1)
         positive = (z * bank[idx]).sum(1, keepdim=True)
         if per_row_negatives:
-            negatives = bank[torch.randint(n, (batch, k))]                   # [B, K, 2]
-            negative = torch.bmm(negatives, z.unsqueeze(2)).squeeze(2)       # [B, K]
+            negatives = bank[torch.randint(n, (batch, k))]  # [B, K, 2]
+            negative = torch.bmm(negatives, z.unsqueeze(2)).squeeze(2)  # [B, K]
         else:
             negative = z @ bank[torch.randint(n, (k,))].T
         loss = infonce_loss(torch.cat([positive, negative], 1) / spiral.TAU)
@@ -100,55 +104,101 @@ def quiet_main(argv):
     """spiral.main with its progress lines swallowed; returns its results."""
     import contextlib
     import io
+
     with contextlib.redirect_stdout(io.StringIO()):
         return spiral.main(argv)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=spiral.ITERS, help="iterations per run (default: the paper's 10k)")
-    p.add_argument("--sweep", action="store_true", help="also time the eight-eta sweep of Figure 1 (one seed)")
-    p.add_argument("--threads", type=int, default=spiral.THREADS, help="torch threads (default: spiral.py's, 1)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=spiral.ITERS,
+        help="iterations per run (default: the paper's 10k)",
+    )
+    p.add_argument(
+        "--sweep", action="store_true", help="also time the eight-eta sweep of Figure 1 (one seed)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=spiral.THREADS,
+        help="torch threads (default: spiral.py's, 1)",
+    )
     args = p.parse_args()
     steps_per_epoch = spiral.N_TRAIN // spiral.BATCH_SIZE
-    if args.iters < steps_per_epoch:   # the baselines report the probe after the last whole epoch
+    if args.iters < steps_per_epoch:  # the baselines report the probe after the last whole epoch
         p.error(f"--iters must be at least one epoch ({steps_per_epoch}), got {args.iters}")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), "
-          f"load average at the start {os.getloadavg()[0]:.2f} (above ~0.5 other jobs share the cores)")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), "
+        f"load average at the start {os.getloadavg()[0]:.2f} (above ~0.5 other jobs share the cores)"
+    )
     out = tempfile.mkdtemp()
     # Creating the first torch.optim optimizer imports torch._dynamo (about a
     # second): do it once here, so that whichever run comes first is not charged.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     per_epoch = probe_cost()
     epochs = args.iters // steps_per_epoch
-    print(f"transfer probe (spiral.evaluate, both readings, {spiral.N_TRAIN} + {spiral.N_TEST} points): "
-          f"{1e3 * per_epoch:.1f} ms per epoch, {per_epoch * epochs:.1f} s over {epochs} epochs")
+    print(
+        f"transfer probe (spiral.evaluate, both readings, {spiral.N_TRAIN} + {spiral.N_TEST} points): "
+        f"{1e3 * per_epoch:.1f} ms per epoch, {per_epoch * epochs:.1f} s over {epochs} epochs"
+    )
 
     runs = [
-        ("python spiral.py --eta 0.4",
-         lambda: quiet_main(["--eta", "0.4", "--iters", str(args.iters), "--threads", str(args.threads),
-                             "--out", os.path.join(out, "eta0.4.png")])[0]["accuracy"]),
-        ("straightforward (per-row negatives)", lambda: baseline_run(0.4, args.iters, per_row_negatives=True)),
-        ("shared negatives, drawn per step", lambda: baseline_run(0.4, args.iters, per_row_negatives=False)),
+        (
+            "python spiral.py --eta 0.4",
+            lambda: quiet_main(
+                [
+                    "--eta",
+                    "0.4",
+                    "--iters",
+                    str(args.iters),
+                    "--threads",
+                    str(args.threads),
+                    "--out",
+                    os.path.join(out, "eta0.4.png"),
+                ]
+            )[0]["accuracy"],
+        ),
+        (
+            "straightforward (per-row negatives)",
+            lambda: baseline_run(0.4, args.iters, per_row_negatives=True),
+        ),
+        (
+            "shared negatives, drawn per step",
+            lambda: baseline_run(0.4, args.iters, per_row_negatives=False),
+        ),
     ]
     times = {}
-    print(f"\n{'run (eta = 0.4, ' + str(args.iters) + ' iterations)':42s} {'wall s':>8} {'cpu s':>8} {'accuracy':>9}")
+    print(
+        f"\n{'run (eta = 0.4, ' + str(args.iters) + ' iterations)':42s} {'wall s':>8} {'cpu s':>8} {'accuracy':>9}"
+    )
     for name, fn in runs:
         wall, cpu, accuracy = timed(fn)
         times[name] = wall
         print(f"{name:42s} {wall:8.1f} {cpu:8.1f} {accuracy:9.3f}", flush=True)
     ours = times[runs[0][0]]
-    print(f"\nratio spiral.py / straightforward:   {ours / times[runs[1][0]]:.2f}x  (target <= 0.8x)")
+    print(
+        f"\nratio spiral.py / straightforward:   {ours / times[runs[1][0]]:.2f}x  (target <= 0.8x)"
+    )
     print(f"ratio spiral.py / shared negatives:  {ours / times[runs[2][0]]:.2f}x")
 
     if args.sweep:
-        wall, cpu, results = timed(lambda: quiet_main(["--sweep", "--threads", str(args.threads),
-                                                       "--out", os.path.join(out, "sweep.png")]))
-        print(f"\npython spiral.py --sweep (eight etas, one seed, 10k iterations each): {wall:.0f} s wall, "
-              f"{cpu:.0f} s cpu (target under 600 s on a 2-core machine)")
+        wall, cpu, results = timed(
+            lambda: quiet_main(
+                ["--sweep", "--threads", str(args.threads), "--out", os.path.join(out, "sweep.png")]
+            )
+        )
+        print(
+            f"\npython spiral.py --sweep (eight etas, one seed, 10k iterations each): {wall:.0f} s wall, "
+            f"{cpu:.0f} s cpu (target under 600 s on a 2-core machine)"
+        )
         print("  " + "  ".join(f"eta {r['eta']:g}: {r['accuracy']:.3f}" for r in results))
-    print(f"\nload average at the end {os.getloadavg()[0]:.2f}; log K = {math.log(spiral.NEGATIVES + 1):.3f}")
+    print(
+        f"\nload average at the end {os.getloadavg()[0]:.2f}; log K = {math.log(spiral.NEGATIVES + 1):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,17 @@ def test_views_are_x_plus_uniform_0_eta_per_coordinate():
     assert noise.min() < 0.001 and noise.max() > eta - 0.001
     # U(0, eta): mean eta/2, variance eta^2/12, within 5 standard errors
     se_mean = eta / math.sqrt(12 * n)
-    assert torch.allclose(noise.mean(0).double(), torch.tensor([eta / 2, eta / 2], dtype=torch.float64), atol=5 * se_mean)
-    assert torch.allclose(noise.double().var(0), torch.full((2,), eta * eta / 12, dtype=torch.float64), rtol=0.02)
-    counts = torch.histc(noise[:, 0], bins=10, min=0, max=eta)   # flat
+    assert torch.allclose(
+        noise.mean(0).double(),
+        torch.tensor([eta / 2, eta / 2], dtype=torch.float64),
+        atol=5 * se_mean,
+    )
+    assert torch.allclose(
+        noise.double().var(0), torch.full((2,), eta * eta / 12, dtype=torch.float64), rtol=0.02
+    )
+    counts = torch.histc(noise[:, 0], bins=10, min=0, max=eta)  # flat
     assert (counts / n - 0.1).abs().max() < 0.005
-    assert abs(torch.corrcoef(noise.T)[0, 1].item()) < 0.01       # independent coordinates
+    assert abs(torch.corrcoef(noise.T)[0, 1].item()) < 0.01  # independent coordinates
 
 
 def test_eta_zero_is_the_privileged_view_and_negative_eta_fails():
@@ -66,7 +72,7 @@ def test_geometry_is_figure_1a():
     for label, sign in ((0, 1.0), (1, -1.0)):
         p = sign * points[labels == label].double()
         r = p.norm(dim=1)
-        theta = (5 * math.pi * r - math.pi) / 2                   # where the curve has radius r
+        theta = (5 * math.pi * r - math.pi) / 2  # where the curve has radius r
         on_curve = torch.stack([r * theta.cos(), r * theta.sin()], 1)
         assert (on_curve - p).norm(dim=1).max() < 1e-5
     # uniform in angle (and so in radius): each tenth of the turn holds a tenth of the points
@@ -77,7 +83,9 @@ def test_geometry_is_figure_1a():
     angle = torch.atan2(points[:, 1], points[:, 0]).double()
     a0, r0 = angle[labels == 0][:500], radius[labels == 0][:500].double()
     a1, r1 = angle[labels == 1], radius[labels == 1].double()
-    same_ray = (a0[:, None] - a1[None, :]).remainder(2 * math.pi).sub(math.pi).abs() > math.pi - 0.003
+    same_ray = (a0[:, None] - a1[None, :]).remainder(2 * math.pi).sub(
+        math.pi
+    ).abs() > math.pi - 0.003
     gaps = (r0[:, None] - r1[None, :]).abs()[same_ray]
     assert len(gaps) > 500
     assert (gaps - 0.4).abs().max() < 0.01
@@ -94,8 +102,9 @@ def test_raw_coordinates_are_at_chance_for_a_linear_probe():
 
 
 def test_the_earlier_geometry_stays_reachable():
-    points, labels = spiral.make_spirals(4000, inner_radius=0.5, outer_radius=1.5,
-                                         generator=torch.Generator().manual_seed(0))
+    points, labels = spiral.make_spirals(
+        4000, inner_radius=0.5, outer_radius=1.5, generator=torch.Generator().manual_seed(0)
+    )
     radius = points.norm(dim=1)
     assert 0.5 - 1e-6 <= radius.min() < 0.51 and 1.49 < radius.max() <= 1.5 + 1e-6
     with pytest.raises(ValueError, match="inner_radius"):
@@ -106,7 +115,9 @@ def test_shared_view_fraction_marks_eta_04_as_the_border():
     # Sec. 4.2 / 4.3: views stay identifiable up to eta = 0.25; from eta = 0.4
     # on, every point's view set meets the other spiral's.
     points, labels = spiral.make_spirals(8000, generator=torch.Generator().manual_seed(0))
-    fractions = {eta: spiral.shared_view_fraction(points, labels, eta) for eta in (0.0, 0.25, 0.3, 0.4, 1.0)}
+    fractions = {
+        eta: spiral.shared_view_fraction(points, labels, eta) for eta in (0.0, 0.25, 0.3, 0.4, 1.0)
+    }
     assert fractions[0.0] == fractions[0.25] == 0.0
     assert 0.3 < fractions[0.3] < 0.9
     assert fractions[0.4] > 0.99 and fractions[1.0] == 1.0
@@ -155,8 +166,12 @@ def test_loss_floor_matches_monte_carlo(tau, expected):
     bank = torch.stack([angles.cos(), angles.sin()], 1)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(n, (512,), generator=g)
-    losses = [infonce_loss(spiral.ir_scores(bank[idx], bank, idx, torch.randint(n, (negatives,), generator=g), tau))
-              for _ in range(8)]
+    losses = [
+        infonce_loss(
+            spiral.ir_scores(bank[idx], bank, idx, torch.randint(n, (negatives,), generator=g), tau)
+        )
+        for _ in range(8)
+    ]
     floor = spiral.loss_floor(negatives, tau)
     assert abs(torch.stack(losses).mean().item() - floor) < 0.01
     assert abs(floor - expected) < 0.001
@@ -169,7 +184,13 @@ def test_loss_floor_matches_monte_carlo(tau, expected):
 def test_encoder_is_five_linear_layers_128_wide_with_a_2d_output():
     encoder = spiral.make_encoder()
     linears = [m for m in encoder if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(2, 128), (128, 128), (128, 128), (128, 128), (128, 2)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (2, 128),
+        (128, 128),
+        (128, 128),
+        (128, 128),
+        (128, 2),
+    ]
     # He init (the default): the untrained encoder already spreads directions;
     # PyTorch's own init (--init default) maps every point to nearly one direction
     points, _ = spiral.make_spirals(4000, generator=torch.Generator().manual_seed(0))
@@ -187,8 +208,15 @@ def test_encoder_is_five_linear_layers_128_wide_with_a_2d_output():
 def test_short_run_lowers_the_loss_and_calls_the_probe_after_every_epoch():
     points, _ = spiral.make_spirals(2048, generator=torch.Generator().manual_seed(0))
     calls = []
-    encoder, bank, losses = spiral.train_ir(points, 0.4, iters=330, negatives=512, seed=0, progress=False,
-                                            after_epoch=lambda *a: calls.append(a))
+    encoder, bank, losses = spiral.train_ir(
+        points,
+        0.4,
+        iters=330,
+        negatives=512,
+        seed=0,
+        progress=False,
+        after_epoch=lambda *a: calls.append(a),
+    )
     log_k, floor = math.log(513), spiral.loss_floor(512, 1.0)
     first, last = sum(losses[:16]) / 16, sum(losses[-16:]) / 16  # one epoch = 16 steps
     assert last < first - 0.2 and last < log_k - 0.5 and last > floor - 0.05
@@ -201,7 +229,10 @@ def test_short_run_lowers_the_loss_and_calls_the_probe_after_every_epoch():
 
 def test_training_is_reproducible_by_seed():
     points, _ = spiral.make_spirals(512, generator=torch.Generator().manual_seed(0))
-    runs = [spiral.train_ir(points, 0.2, iters=20, negatives=128, seed=s, progress=False)[2] for s in (5, 5, 6)]
+    runs = [
+        spiral.train_ir(points, 0.2, iters=20, negatives=128, seed=s, progress=False)[2]
+        for s in (5, 5, 6)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -223,10 +254,15 @@ def test_probe_solves_separable_data_and_is_linear():
     labels = torch.arange(n) % 2
     centres = torch.tensor([[-1.0, 0.5], [1.0, -0.5]])
     features = centres[labels] + 0.3 * torch.randn(n, 2, generator=g)
-    assert spiral.transfer_accuracy(features[:2000], labels[:2000], features[2000:], labels[2000:]) > 0.99
-    xor = torch.rand(n, 2, generator=g) * 2 - 1   # XOR cannot be done by a line
+    assert (
+        spiral.transfer_accuracy(features[:2000], labels[:2000], features[2000:], labels[2000:])
+        > 0.99
+    )
+    xor = torch.rand(n, 2, generator=g) * 2 - 1  # XOR cannot be done by a line
     xor_labels = ((xor[:, 0] > 0) ^ (xor[:, 1] > 0)).long()
-    assert spiral.transfer_accuracy(xor[:2000], xor_labels[:2000], xor[2000:], xor_labels[2000:]) < 0.6
+    assert (
+        spiral.transfer_accuracy(xor[:2000], xor_labels[:2000], xor[2000:], xor_labels[2000:]) < 0.6
+    )
 
 
 def test_probe_reaches_the_optimum_of_the_logistic_loss():
@@ -236,7 +272,10 @@ def test_probe_reaches_the_optimum_of_the_logistic_loss():
     weight, bias = spiral.fit_logistic_regression(x, labels, l2=1e-4)
     theta = torch.cat([weight, bias.reshape(1)]).requires_grad_()
     xb = torch.cat([x.double(), torch.ones(3000, 1, dtype=torch.float64)], 1)
-    loss = F.binary_cross_entropy_with_logits(xb @ theta, labels.double()) + 0.5e-4 * (theta[:2] ** 2).sum()
+    loss = (
+        F.binary_cross_entropy_with_logits(xb @ theta, labels.double())
+        + 0.5e-4 * (theta[:2] ** 2).sum()
+    )
     loss.backward()
     assert theta.grad.abs().max() < 1e-8
 
@@ -245,8 +284,10 @@ def test_probe_does_not_depend_on_the_features_scale_or_offset():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4000, 2, generator=g)
     labels = (x[:, 0] + 0.5 * torch.randn(4000, generator=g) > 0).long()
-    accuracies = [spiral.transfer_accuracy(f[:2000], labels[:2000], f[2000:], labels[2000:])
-                  for f in (x, x * 1e-3 + 5, x * 1e3)]
+    accuracies = [
+        spiral.transfer_accuracy(f[:2000], labels[:2000], f[2000:], labels[2000:])
+        for f in (x, x * 1e-3 + 5, x * 1e3)
+    ]
     assert max(accuracies) - min(accuracies) < 1e-9
     assert accuracies[0] > 0.75
 
@@ -320,11 +361,17 @@ def reduced_sweep():
     steps_per_epoch = spiral.N_TRAIN // spiral.BATCH_SIZE
     for seed in GUARD_SEEDS:
         g = torch.Generator().manual_seed(seed)
-        data = spiral.make_spirals(spiral.N_TRAIN, generator=g) + spiral.make_spirals(spiral.N_TEST, generator=g)
+        data = spiral.make_spirals(spiral.N_TRAIN, generator=g) + spiral.make_spirals(
+            spiral.N_TEST, generator=g
+        )
         for eta in GUARD_ETAS:
-            encoder, _, losses = spiral.train_ir(data[0], eta, iters=GUARD_ITERS, seed=seed, progress=False)
+            encoder, _, losses = spiral.train_ir(
+                data[0], eta, iters=GUARD_ITERS, seed=seed, progress=False
+            )
             loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
-            result = spiral.evaluate(encoder, *data, information=math.log(spiral.NEGATIVES + 1) - loss)
+            result = spiral.evaluate(
+                encoder, *data, information=math.log(spiral.NEGATIVES + 1) - loss
+            )
             results[eta, seed] = dict(result, loss=loss)
     return results
 
@@ -338,66 +385,85 @@ def test_reduced_sweep_loss_rises_with_eta_from_the_floor_to_log_k(reduced_sweep
         assert 0 < log_k - losses[-1] < spiral.MIN_INFORMATION
 
 
-def test_reduced_sweep_accuracy_at_chance_at_both_ends_and_above_it_normalized_at_eta_1(reduced_sweep):
+def test_reduced_sweep_accuracy_at_chance_at_both_ends_and_above_it_normalized_at_eta_1(
+    reduced_sweep,
+):
     for seed in GUARD_SEEDS:
         at_5 = reduced_sweep[5.0, seed]
         assert at_5["collapsed"] and at_5["raw"] == at_5["normalized"] == 0.5
         assert abs(reduced_sweep[0.0, seed]["raw"] - 0.5) < 0.05
         assert abs(reduced_sweep[0.0, seed]["normalized"] - 0.5) < 0.05
         assert not reduced_sweep[1.0, seed]["collapsed"]
-    normalized = {eta: sum(reduced_sweep[eta, s]["normalized"] for s in GUARD_SEEDS) / 2 for eta in GUARD_ETAS}
+    normalized = {
+        eta: sum(reduced_sweep[eta, s]["normalized"] for s in GUARD_SEEDS) / 2 for eta in GUARD_ETAS
+    }
     assert normalized[1.0] > normalized[0.0] + 0.05, normalized
 
 
 # ---------------------------------------------------------------------------
 # Command line: errors before training, a tiny end-to-end run with the figure, --help
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, flag", [
-    (["--eta", "-1"], "--eta"),
-    (["--sweep", "0", "-0.5"], "--sweep"),
-    (["--eta", "nan"], "--eta"),
-    (["--eta", "abc"], "--eta"),
-    (["--iters", "0"], "--iters"),
-    (["--negatives", "20000"], "--negatives"),
-    (["--n-train", "1000", "--negatives", "1001"], "--negatives"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--seeds", "0"], "--seeds"),
-    (["--tau", "0"], "--tau"),
-    (["--alpha", "1"], "--alpha"),
-    (["--lr", "-0.1"], "--lr"),
-    (["--momentum", "1.5"], "--momentum"),
-    (["--weight-decay", "nan"], "--weight-decay"),
-    (["--turns", "0"], "--turns"),
-    (["--inner-radius", "-0.1"], "--inner-radius"),
-    (["--outer-radius", "0.2"], "--outer-radius"),
-    (["--threads", "0"], "--threads"),
-    (["--n-test", "1"], "--n-test"),
-    (["--device", "nonsense"], "--device"),
-    (["--out", "figure.txt"], "--out"),
-    (["--bogus"], "--bogus"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--eta", "-1"], "--eta"),
+        (["--sweep", "0", "-0.5"], "--sweep"),
+        (["--eta", "nan"], "--eta"),
+        (["--eta", "abc"], "--eta"),
+        (["--iters", "0"], "--iters"),
+        (["--negatives", "20000"], "--negatives"),
+        (["--n-train", "1000", "--negatives", "1001"], "--negatives"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seeds", "0"], "--seeds"),
+        (["--tau", "0"], "--tau"),
+        (["--alpha", "1"], "--alpha"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--turns", "0"], "--turns"),
+        (["--inner-radius", "-0.1"], "--inner-radius"),
+        (["--outer-radius", "0.2"], "--outer-radius"),
+        (["--threads", "0"], "--threads"),
+        (["--n-test", "1"], "--n-test"),
+        (["--device", "nonsense"], "--device"),
+        (["--out", "figure.txt"], "--out"),
+        (["--bogus"], "--bogus"),
+    ],
+)
 def test_bad_arguments_fail_before_training_as_one_line(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         spiral.main(argv)
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
-    assert "step" not in captured.out                    # no training started
+    assert "step" not in captured.out  # no training started
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("spiral.py: error:") and flag in lines[0], captured.err
+    assert len(lines) == 1 and lines[0].startswith("spiral.py: error:") and flag in lines[0], (
+        captured.err
+    )
 
 
 def test_bad_argument_from_the_shell_is_one_line_and_status_2():
-    done = subprocess.run([sys.executable, "spiral.py", "--eta", "-1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "spiral.py", "--eta", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1 and "--eta" in done.stderr
+    assert (
+        done.stdout == "" and len(done.stderr.strip().splitlines()) == 1 and "--eta" in done.stderr
+    )
 
 
 def test_unwritable_paths_fail_before_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    for argv, flag in ((["--out", str(blocker / "figure.png")], "--out"), (["--out", str(tmp_path)], "--out"),
-                       (["--results", str(tmp_path)], "--results")):
+    for argv, flag in (
+        (["--out", str(blocker / "figure.png")], "--out"),
+        (["--out", str(tmp_path)], "--out"),
+        (["--results", str(tmp_path)], "--results"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             spiral.main(argv)
         assert exit_info.value.code == 2
@@ -406,8 +472,27 @@ def test_unwritable_paths_fail_before_training(tmp_path, capsys):
 
 def test_tiny_sweep_end_to_end_saves_resumes_and_draws_every_panel(tmp_path, capsys):
     out, saved = tmp_path / "fig.png", tmp_path / "runs.pt"
-    argv = ["--sweep", "0", "0.4", "--seeds", "2", "--iters", "40", "--n-train", "256", "--n-test", "256",
-            "--negatives", "64", "--batch-size", "32", "--out", str(out), "--results", str(saved)]
+    argv = [
+        "--sweep",
+        "0",
+        "0.4",
+        "--seeds",
+        "2",
+        "--iters",
+        "40",
+        "--n-train",
+        "256",
+        "--n-test",
+        "256",
+        "--negatives",
+        "64",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--results",
+        str(saved),
+    ]
     results = spiral.main(argv)
     printed = capsys.readouterr().out
     assert out.exists() and out.stat().st_size > 10_000
@@ -415,7 +500,7 @@ def test_tiny_sweep_end_to_end_saves_resumes_and_draws_every_panel(tmp_path, cap
     assert "transfer accuracy" in printed and "+-" in printed and "step" in printed
     for r in results:
         assert 0.0 <= r["accuracy"] <= 1.0 and len(r["losses"]) == 40
-        assert r["curves"]["epoch"] == [1, 2, 3, 4, 5]          # 40 steps of 32 over 256 points: 5 epochs
+        assert r["curves"]["epoch"] == [1, 2, 3, 4, 5]  # 40 steps of 32 over 256 points: 5 epochs
     # a second call with the same settings loads the runs instead of training
     again = spiral.main(argv)
     printed = capsys.readouterr().out
@@ -430,19 +515,28 @@ def test_tiny_sweep_end_to_end_saves_resumes_and_draws_every_panel(tmp_path, cap
     # per eta; (c) loss, (d) accuracy per epoch, (e) final accuracy against eta
     fig = spiral.plot_figure1(results, [0.0, 0.4], spiral.build_parser().parse_args(argv), str(out))
     titles = [ax.get_title() for ax in fig.axes]
-    assert sum(t.startswith("noise: ") and "acc" not in t for t in titles) == 2            # (a)
-    assert sum(t.startswith("noise: ") and "acc" in t for t in titles) == 2                # (b)
-    for panel in ("(c) training loss", "(d) transfer accuracy after every epoch", "(e) final accuracy"):
+    assert sum(t.startswith("noise: ") and "acc" not in t for t in titles) == 2  # (a)
+    assert sum(t.startswith("noise: ") and "acc" in t for t in titles) == 2  # (b)
+    for panel in (
+        "(c) training loss",
+        "(d) transfer accuracy after every epoch",
+        "(e) final accuracy",
+    ):
         assert sum(t.startswith(panel) for t in titles) == 1, titles
     loss_panel = next(ax for ax in fig.axes if ax.get_title().startswith("(c)"))
-    assert len(loss_panel.lines[0].get_xdata()) == 40                                    # every iteration
+    assert len(loss_panel.lines[0].get_xdata()) == 40  # every iteration
     accuracy_panel = next(ax for ax in fig.axes if ax.get_title().startswith("(d)"))
-    assert list(accuracy_panel.lines[0].get_xdata()) == [1, 2, 3, 4, 5]                 # every epoch
+    assert list(accuracy_panel.lines[0].get_xdata()) == [1, 2, 3, 4, 5]  # every epoch
 
 
 def test_help_explains_the_flags():
-    done = subprocess.run([sys.executable, "spiral.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "spiral.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0
     for flag in ("--eta", "--sweep", "--tau", "--inner-radius", "--outer-radius", "--results"):
         assert flag in done.stdout
