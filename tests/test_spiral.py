@@ -456,6 +456,16 @@ def test_bad_argument_from_the_shell_is_one_line_and_status_2():
     )
 
 
+def test_a_default_that_does_not_fit_the_data_adapts_and_says_so(tmp_path, capsys):
+    # --negatives left at its default (4096) with 256 training points: use 256, and say so;
+    # a typed value that does not fit stays an error (test_bad_arguments_... above).
+    argv = ["--n-train", "256", "--n-test", "256", "--iters", "8", "--batch-size", "32"]
+    results = spiral.main(argv + ["--out", str(tmp_path / "fig.png")])
+    printed = capsys.readouterr().out
+    assert "--negatives" in printed.splitlines()[0] and "using 256" in printed.splitlines()[0]
+    assert "K = 256 + 1" in printed and len(results[0]["losses"]) == 8
+
+
 def test_unwritable_paths_fail_before_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
