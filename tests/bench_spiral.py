@@ -2,9 +2,9 @@
 
 Not a test (its name does not start with test_): run it and read the ratios.
 
-    python tests/bench_spiral.py              # the paper run (eta = 0.4, 10k iterations) vs the baselines
+    python tests/bench_spiral.py              # the paper run (eta 0.4, 10k steps) vs baselines
     python tests/bench_spiral.py --sweep      # + the eight-eta sweep of Figure 1, one seed
-    python tests/bench_spiral.py --iters 2000 # a shorter comparison (same per-step ratio, start-up weighs more)
+    python tests/bench_spiral.py --iters 2000 # shorter (same per-step ratio, start-up weighs more)
 
 The paper run is spiral.main(["--eta", "0.4"]): data, 10k IR steps with the
 transfer probe after every epoch, the final probe and the figure.  The
@@ -82,7 +82,7 @@ def baseline_run(eta, iters, per_row_negatives, seed=0):
 
 
 def probe_cost(repeats=20):
-    """Seconds for one spiral.evaluate (both readings) at the paper's sizes: the per-epoch cost of Figure 1d."""
+    """Seconds for one spiral.evaluate (both readings) at the paper's sizes: one epoch's probe."""
     g = torch.Generator().manual_seed(0)
     train, train_labels = spiral.make_spirals(spiral.N_TRAIN, generator=g)
     test, test_labels = spiral.make_spirals(spiral.N_TEST, generator=g)
@@ -132,49 +132,31 @@ def main():
         p.error(f"--iters must be at least one epoch ({steps_per_epoch}), got {args.iters}")
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), "
-        f"load average at the start {os.getloadavg()[0]:.2f} (above ~0.5 other jobs share the cores)"
+        f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} thread(s), load "
+        f"average at the start {os.getloadavg()[0]:.2f} (above ~0.5: other jobs share the cores)"
     )
     out = tempfile.mkdtemp()
-    # Creating the first torch.optim optimizer imports torch._dynamo (about a
-    # second): do it once here, so that whichever run comes first is not charged.
+    # Creating the first torch.optim optimizer imports torch._dynamo: do it once here, so that
+    # whichever run comes first is not charged for it.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     per_epoch = probe_cost()
     epochs = args.iters // steps_per_epoch
     print(
-        f"transfer probe (spiral.evaluate, both readings, {spiral.N_TRAIN} + {spiral.N_TEST} points): "
-        f"{1e3 * per_epoch:.1f} ms per epoch, {per_epoch * epochs:.1f} s over {epochs} epochs"
+        f"transfer probe (spiral.evaluate, both readings, {spiral.N_TRAIN} + {spiral.N_TEST} "
+        f"points): {1e3 * per_epoch:.1f} ms per epoch, {per_epoch * epochs:.1f} s over {epochs} "
+        f"epochs"
     )
 
+    paper_argv = ["--eta", "0.4", "--iters", str(args.iters), "--threads", str(args.threads)]
+    paper_argv += ["--out", os.path.join(out, "eta0.4.png")]
     runs = [
-        (
-            "python spiral.py --eta 0.4",
-            lambda: quiet_main(
-                [
-                    "--eta",
-                    "0.4",
-                    "--iters",
-                    str(args.iters),
-                    "--threads",
-                    str(args.threads),
-                    "--out",
-                    os.path.join(out, "eta0.4.png"),
-                ]
-            )[0]["accuracy"],
-        ),
-        (
-            "straightforward (per-row negatives)",
-            lambda: baseline_run(0.4, args.iters, per_row_negatives=True),
-        ),
-        (
-            "shared negatives, drawn per step",
-            lambda: baseline_run(0.4, args.iters, per_row_negatives=False),
-        ),
+        ("python spiral.py --eta 0.4", lambda: quiet_main(paper_argv)[0]["accuracy"]),
+        ("straightforward (per-row negatives)", lambda: baseline_run(0.4, args.iters, True)),
+        ("shared negatives, drawn per step", lambda: baseline_run(0.4, args.iters, False)),
     ]
     times = {}
-    print(
-        f"\n{'run (eta = 0.4, ' + str(args.iters) + ' iterations)':42s} {'wall s':>8} {'cpu s':>8} {'accuracy':>9}"
-    )
+    title = f"run (eta = 0.4, {args.iters} iterations)"
+    print(f"\n{title:42s} {'wall s':>8} {'cpu s':>8} {'accuracy':>9}")
     for name, fn in runs:
         wall, cpu, accuracy = timed(fn)
         times[name] = wall
@@ -186,19 +168,16 @@ def main():
     print(f"ratio spiral.py / shared negatives:  {ours / times[runs[2][0]]:.2f}x")
 
     if args.sweep:
-        wall, cpu, results = timed(
-            lambda: quiet_main(
-                ["--sweep", "--threads", str(args.threads), "--out", os.path.join(out, "sweep.png")]
-            )
-        )
+        sweep_argv = ["--sweep", "--threads", str(args.threads)]
+        sweep_argv += ["--out", os.path.join(out, "sweep.png")]
+        wall, cpu, results = timed(lambda: quiet_main(sweep_argv))
         print(
-            f"\npython spiral.py --sweep (eight etas, one seed, 10k iterations each): {wall:.0f} s wall, "
-            f"{cpu:.0f} s cpu (target under 600 s on a 2-core machine)"
+            f"\npython spiral.py --sweep (eight etas, one seed, 10k iterations each): "
+            f"{wall:.0f} s wall, {cpu:.0f} s cpu (target under 600 s on a 2-core machine)"
         )
         print("  " + "  ".join(f"eta {r['eta']:g}: {r['accuracy']:.3f}" for r in results))
-    print(
-        f"\nload average at the end {os.getloadavg()[0]:.2f}; log K = {math.log(spiral.NEGATIVES + 1):.3f}"
-    )
+    log_k = math.log(spiral.NEGATIVES + 1)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}; log K = {log_k:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checks for spiral.py (Sec. 4.3, Figure 1): geometry, views, IR pieces, the probe, the figure, the CLI."""
+"""Checks for spiral.py (Sec. 4.3, Figure 1): views, IR, the probe, the figure, the CLI."""
 
 import math
 import os
@@ -17,9 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # spiral.py's own default (THREADS = 1).  These tensors are small, and on a
-    # busy 2-core machine two threads wait on each other: the 330-step run
-    # below took 10.4 s with 2 threads while another job ran, about 1 s with 1.
+    # spiral.py's own default (THREADS = 1): the tensors are small, and two threads on a busy
+    # machine wait on each other.
     threads = torch.get_num_threads()
     torch.set_num_threads(spiral.THREADS)
     yield
@@ -202,7 +201,7 @@ def test_encoder_is_five_linear_layers_128_wide_with_a_2d_output():
             output = spiral.encode(spiral.make_encoder(init=init), points)
             spreads[init].append(F.normalize(output, dim=1).std(0).norm().item())
     assert sum(spreads["he"]) / 5 > 0.4 and max(spreads["default"]) < 0.15
-    assert all(h > 2 * d for h, d in zip(spreads["he"], spreads["default"]))
+    assert all(h > 2 * d for h, d in zip(spreads["he"], spreads["default"], strict=True))
 
 
 def test_short_run_lowers_the_loss_and_calls_the_probe_after_every_epoch():
@@ -380,7 +379,7 @@ def test_reduced_sweep_loss_rises_with_eta_from_the_floor_to_log_k(reduced_sweep
     log_k, floor = math.log(spiral.NEGATIVES + 1), spiral.loss_floor(spiral.NEGATIVES, spiral.TAU)
     for seed in GUARD_SEEDS:
         losses = [reduced_sweep[eta, seed]["loss"] for eta in GUARD_ETAS]
-        assert all(a < b for a, b in zip(losses, losses[1:])), losses
+        assert all(a < b for a, b in zip(losses[:-1], losses[1:], strict=True)), losses
         assert floor - 0.005 < losses[0] < floor + 0.02
         assert 0 < log_k - losses[-1] < spiral.MIN_INFORMATION
 
