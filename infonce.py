@@ -488,7 +488,8 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        prog="infonce.py",
         description="Lower bounds on the mutual information I(X;Y) (Sec. 3, Appendix A) "
         "checked against the closed form for correlated Gaussians. Prints one table row "
         "per (true MI, K) and, with --plot, saves the training staircase.",
@@ -587,6 +588,13 @@ def parse_args(argv=None):
             f"least two independent batches for a standard error, got {args.rows}"
         )
     return args
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text):

@@ -490,14 +490,33 @@ def test_eq4_with_learned_proposal_has_score_function_gradient(normalized):
             ),
             "weights",
         ),
-        (lambda: vb.parse_args(["--k", "0"]), "K"),
-        (lambda: vb.parse_args(["--band", "0.7", "0.6"]), "u"),
-        (lambda: vb.parse_args(["--keep", "1.0"]), "keep"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--k", "0"], "--k"),
+        (["--band", "0.7", "0.6"], "--band"),
+        (["--keep", "1.0"], "--keep"),
+        (["--t", "nan"], "--t"),
+        (["--anchors", "1"], "--anchors"),
+        (["--vocab", "1"], "--vocab"),
+        (["--mi", "-1"], "--mi"),
+        (["--temper", "0"], "--temper"),
+        (["--dim", "x"], "--dim"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(args, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vb.parse_args(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err
 
 
 def test_help_runs():
