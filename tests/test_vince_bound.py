@@ -295,11 +295,11 @@ def _brute_force(joint, critic, q_rows, k):
                     continue
                 w = math.prod(p[y].item() / q[y].item() for y in negs)
                 f = [critic[x, y1].item()] + [critic[x, y].item() for y in negs]
-                l = f[0] - math.log(sum(math.exp(fi) for fi in f) / k)
+                log_ratio = f[0] - math.log(sum(math.exp(fi) for fi in f) / k)
                 weight = joint[x, y1].item() * prob_q
-                e_wl += weight * w * l
-                e_l += weight * l
-                e_cl += weight * c_i ** (k - 1) * l
+                e_wl += weight * w * log_ratio
+                e_l += weight * log_ratio
+                e_cl += weight * c_i ** (k - 1) * log_ratio
     return e_wl, e_l, e_cl
 
 
@@ -337,7 +337,8 @@ def test_every_full_support_proposal_has_the_same_expectation_as_infonce(k):
 
 
 def test_restricted_support_proposal_sees_only_the_accepted_event():
-    # Example 1 on tokens: accept y iff s(y_1, y) <= 0.4.  r = 0 elsewhere violates Cor. 3.1.1's r in (0, 1].
+    # Example 1 on tokens: accept y iff s(y_1, y) <= 0.4.  r = 0 elsewhere violates
+    # Corollary 3.1.1's r in (0, 1].
     p, joint, critic = _tiny_problem()
     k = 3
     accept = (vb.token_similarity(5) <= 0.4).to(F64)
@@ -366,9 +367,9 @@ def test_corollary_3_1_2_inequality_needs_nonnegative_l():
 def test_corollary_3_1_2_bound_function():
     scores = torch.randn(20, 4, generator=_gen(12), dtype=F64)
     log_c = -2.5
-    l = infonce.infonce_bound(scores, "none")
+    nce = infonce.infonce_bound(scores, "none")
     got = vb.corollary_3_1_2_bound(scores, log_c, "none")
-    assert torch.allclose(got, math.exp(log_c) * l - 3, atol=1e-12, rtol=0)
+    assert torch.allclose(got, math.exp(log_c) * nce - 3, atol=1e-12, rtol=0)
 
 
 # ---------------------------------------------------------------------------
