@@ -274,12 +274,10 @@ def corollary_3_1_2_bound(scores, log_c, reduction="mean", one_over_k=True):
     To copy: corollary_3_1_2_bound, _check_scores
     """
     _check_scores(scores, reduction)
-    if not torch.is_tensor(log_c) and log_c > 0:
-        raise ValueError(f"log_c must be <= 0 (c_i = inf p/q <= 1), got {log_c}")
-    c = torch.as_tensor(log_c, dtype=torch.promote_types(scores.dtype, torch.float32)).exp()
-    if c.shape not in ((), scores.shape[:1]):
-        raise ValueError(f"log_c must be a float or [B={len(scores)}], got {tuple(c.shape)}")
-    scores = scores.to(c.dtype)  # fp16/bf16 -> float32
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp16/bf16 -> float32
+    c = torch.as_tensor(log_c, dtype=scores.dtype).exp()
+    if c.shape not in ((), scores.shape[:1]) or (not torch.is_tensor(log_c) and log_c > 0):
+        raise ValueError(f"log_c must be a float <= 0 or [B={len(scores)}], got {log_c}")
     k = scores.shape[1]
     log_ratio = scores[:, 0] - torch.logsumexp(scores, dim=1) + (math.log(k) if one_over_k else 0.0)
     per_row = c * log_ratio - (k - 1)
