@@ -269,8 +269,9 @@ def corollary_3_1_2_bound(scores, log_c, reduction="mean", one_over_k=True):
     """Corollary 3.1.2's claimed lower bound on Eq. 3: c (f(x, y_1) - log a(x, y_1..K)) - K + 1.
 
     scores: [B, K], negatives drawn from q.  log_c: float <= 0, or [B]: log c = sum_i log c_i,
-    c_i = inf p/q.  one_over_k as in Eq. 3.  The proof multiplies W >= c by the log term, so it
-    holds only where that term is >= 0.  Returns the mean, or [B] with reduction="none".
+    c_i = inf p/q.  one_over_k: a = (1/K) sum_i exp f(x, y_i) (True) or Eq. 3's sum (False).
+    The proof multiplies W >= c by the log term: it holds only where that term is >= 0.
+    Returns the mean, or [B] with reduction="none".
     To copy: corollary_3_1_2_bound, _check_scores
     """
     _check_scores(scores, reduction)
