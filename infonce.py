@@ -563,8 +563,7 @@ def parse_args(argv=None):
         "--threads",
         type=_positive_int,
         default=1,
-        help="torch CPU threads; 1 is fastest for these small matrices and "
-        "avoids thrashing on a shared machine",
+        help="torch CPU threads (the matrices here are small)",
     )
     parser.add_argument(
         "--plot",
