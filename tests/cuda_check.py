@@ -84,12 +84,13 @@ SIZES = {
                  negatives=4096, image_size=64, per_class=512, val_per_class=32, train_batch=32,
                  epochs=4, workers=4, train_k_background=256, train_kmeans_k=32,
                  resume_per_class=128, resume_batch=16, resume_workers=2, ddp_steps=6,
+                 train_algos=("ir", "ball", "ann", "la"),
                  bench=["--batch-size", "256", "--step-image-size", "224", "--bank", "1281167",
                         "--steps", "100", "--warmup", "10", "--kmeans-k", "1000"]),
     "cpu": dict(rows=2000, batch=32, dim=32, k_background=256, clusterings=3, clusters=20,
                 negatives=256, image_size=32, per_class=8, val_per_class=2, train_batch=8, epochs=1,
                 workers=0, train_k_background=16, train_kmeans_k=4, resume_per_class=12,
-                resume_batch=4, resume_workers=0, ddp_steps=3,
+                resume_batch=4, resume_workers=0, ddp_steps=3, train_algos=("ir", "la"),
                 bench=["--batch-size", "4", "--step-image-size", "32", "--bank", "300",
                        "--steps", "2", "--warmup", "1", "--kmeans-k", "5", "--k-background", "16"]),
 }
@@ -379,6 +380,10 @@ def train_argv(data, out, algo, size, device, precision, epochs, batch, workers)
 def check_train(algo, precision, size, device, data, work, log):
     if device.type != "cuda" and precision != "fp32":
         raise NotApplicable("autocast training (bf16 / fp16) is for CUDA; the CPU trains in fp32")
+    if algo not in size["train_algos"]:  # the CPU mode's time limit; they run on CUDA
+        raise NotApplicable(
+            "the CPU mode trains IR and LA only (tests/test_imagenet_train.py runs all)"
+        )
     out = os.path.join(work, f"train_{algo}_{precision}")
     epochs = size["epochs"] + (1 if algo == "la" else 0)  # LA: one warm-up epoch of IR first
     argv = train_argv(
