@@ -29,7 +29,7 @@ The paper's objects, in the order of this file:
     and, after every epoch, the test accuracy of logistic regression on the frozen
     representation (Figure 1d).
 
-What Figure 1 fixes and the text does not (tests/test_spiral.py checks each):
+What Figure 1 fixes and the text does not (tests/test_spiral.py checks geometry and floor):
   * geometry (1a): one turn per spiral, radius 0.2 to 1, the second arm the first rotated by
     180 degrees, so along any ray the arms alternate 0.4 apart: the "border of identifiability".
     The text's "one clockwise, one counter-clockwise" cannot be literal: mirrored arms cross;
