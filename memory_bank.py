@@ -39,6 +39,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 class MemoryBank:
@@ -71,38 +72,25 @@ class MemoryBank:
         self.vectors = vectors.to(device) if device is not None else vectors
         self.num_updates = 0  # update() calls so far; part of the checkpoint
 
-    # ------------------------------------------------------------------
-    # Eq. 7 (+ re-normalization).
-    # ------------------------------------------------------------------
     @torch.no_grad()
     def update(self, indices, vectors, alpha, renormalize=True):
-        """Eq. 7 for the rows `indices`: M[i] <- alpha*M[i] + (1-alpha)*v, then ||M[i]|| = 1.
+        """Eq. 7 for the rows `indices`, then re-normalization: M[i] <- alpha M[i] + (1-alpha) v.
 
-        indices: integer tensor [B], the dataset index of each image; -1 marks a padding row,
-            which gets no update.  Best left on the CPU, where the DataLoader puts it: the
-            indices are only read on the host, so a bank on a GPU then updates without waiting
-            for the GPU.
-        vectors: [B, d], the z the loss saw (detached and cast to the bank's dtype and device).
-        alpha: float in [0, 1); 0 stores the newest view, 1 would never move (App. D: 0.5).
-        renormalize: True, as the reference code does; False is the literal Eq. 7, whose rows
-            leave the unit sphere (only for studying Eq. 9: the losses assume unit rows).
-
-        Under torch.distributed every rank passes the same B (the trainer's sampler pads its
-        batches and marks the padding -1), and every rank applies all ranks' rows, rank 0's
-        first, so the banks stay identical.  An index that occurs several times gets Eq. 7 once
-        per occurrence, in order, as if the occurrences came in consecutive steps.
+        indices [B]: each image's row; -1 marks a padding row (no update).  Best left on the CPU,
+            where the DataLoader puts them: they are read on the host only.
+        vectors [B, d]: the embeddings E(v(x_i, a)) the loss saw, unit rows (checked on the CPU).
+        alpha in [0, 1): 0 stores the newest view (Appendix D: 0.5).
+        renormalize: True, as the reference code does (rows stay unit vectors); False, the literal
+            Eq. 7, whose rows leave the sphere (for studying Eq. 9 only).
+        Under torch.distributed every rank applies every rank's rows, rank 0's first; an index
+        that occurs more than once gets Eq. 7 once per occurrence, in order.
         """
-        _check_update(self, indices, vectors, alpha)
-        indices, vectors = _from_every_rank(indices.to("cpu", torch.long), vectors.detach())
-        if indices.numel() and (indices.min() < -1 or indices.max() >= self.size):  # on every rank
-            raise IndexError(f"indices must lie in [0, N) = [0, {self.size}) or be -1 (padding)")
-        vectors = vectors.to(self.vectors.device, self.vectors.dtype, non_blocking=True)
-        for rows, new in _rounds_without_duplicates(indices, vectors):
-            # Eq. 7: M[i] <- alpha * M[i] + (1 - alpha) * E(v(x_i, a))
-            mixed = alpha * self.vectors[rows] + (1.0 - alpha) * new
-            if renormalize:  # not in the paper's Eq. 7; what the reference code does
-                mixed = torch.nn.functional.normalize(mixed, dim=1)
-            self.vectors.index_copy_(0, rows, mixed)  # rows are unique within a round
+        _check_update(self, indices, vectors, alpha, renormalize)
+        for rows, new in _rounds(self, indices, vectors):  # all ranks' rows, duplicates in turn
+            mixed = alpha * self.vectors[rows] + (1.0 - alpha) * new  # Eq. 7: gather and mix
+            if renormalize:  # not in the paper's Eq. 7; the reference code re-normalizes
+                mixed = F.normalize(mixed, dim=1)
+            self.vectors.index_copy_(0, rows, mixed)  # write (rows are unique within a round)
         self.num_updates += 1
 
     # ------------------------------------------------------------------
@@ -178,88 +166,6 @@ class MemoryBank:
         return f"MemoryBank(size={self.size}, dim={self.dim}, device={self.vectors.device}, dtype={self.vectors.dtype})"
 
 
-def _occurrence_rank(indices):
-    """For each entry, the number of earlier entries with the same value: [B] -> [B].
-
-    E.g. [7, 3, 7, 7, 3] -> [0, 0, 1, 2, 1].  A stable sort keeps equal values in
-    order of appearance; within each run of equal values the rank is the
-    distance to the run's first element.
-    """
-    if indices.numel() == 0:
-        return indices.clone()
-    sorted_values, order = torch.sort(indices, stable=True)
-    position = torch.arange(indices.numel(), device=indices.device)
-    run_start = torch.ones_like(sorted_values, dtype=torch.bool)
-    run_start[1:] = sorted_values[1:] != sorted_values[:-1]
-    first_of_run = torch.cummax(
-        torch.where(run_start, position, torch.zeros_like(position)), dim=0
-    ).values
-    rank = torch.empty_like(position)
-    rank[order] = position - first_of_run
-    return rank
-
-
-def _rounds_without_duplicates(indices, vectors):
-    """Split a batch into rounds in which no index repeats; yields (rows, vectors) per round.
-
-    indices: int64 [B] on the CPU, -1 for padding rows (left out); vectors: [B, d] on the
-    bank's device.  Round r holds the r-th occurrence of every index, in batch order, so Eq. 7
-    applied round after round is applied once per occurrence, in order of appearance.  The
-    usual batch (no padding, no duplicates) is one round, passed through as it is.
-    """
-    kept = (indices >= 0).nonzero().squeeze(1)  # on the CPU: no wait for the GPU
-    if len(kept) < len(indices):
-        indices = indices[kept]
-        vectors = vectors.index_select(0, kept.to(vectors.device, non_blocking=True))
-    occurrence = _occurrence_rank(indices)
-    num_rounds = int(occurrence.max()) + 1 if indices.numel() > 0 else 0
-    for round_ in range(num_rounds):
-        if num_rounds == 1:
-            yield indices.to(vectors.device, non_blocking=True), vectors
-        else:
-            positions = (occurrence == round_).nonzero().squeeze(1)  # on the CPU
-            yield (
-                indices[positions].to(vectors.device, non_blocking=True),
-                vectors.index_select(0, positions.to(vectors.device, non_blocking=True)),
-            )
-
-
-def _from_every_rank(indices, vectors):
-    """All ranks' (indices [W*B], vectors [W*B, d]), rank 0's rows first; the identity
-    without torch.distributed.
-
-    Every rank passes the same B, so each tensor needs one all_gather of a known size and the
-    host never learns a size from the device.  The vectors are gathered where they are (NCCL:
-    on the GPU).  The indices stay on the CPU when the process group can gather CPU tensors
-    (gloo, or the trainer's "cpu:gloo,cuda:nccl"); a plain NCCL group gathers them on the GPU
-    and this is then one point where the host waits for the GPU.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return indices, vectors
-    world = dist.get_world_size()
-    on_cpu = "gloo" in str(dist.get_backend())
-    idx = indices if on_cpu else indices.to(vectors.device)
-    all_idx = [torch.empty_like(idx) for _ in range(world)]
-    all_vec = [torch.empty_like(vectors) for _ in range(world)]
-    dist.all_gather(all_idx, idx)
-    dist.all_gather(all_vec, vectors)
-    return torch.cat(all_idx).cpu(), torch.cat(all_vec)
-
-
-def _check_update(bank, indices, vectors, alpha):
-    """update()'s argument checks, one line each (values are read only for the CPU indices)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < 1:
-        raise ValueError(f"alpha (the Eq. 7 update rate) must be a float in [0, 1), got {alpha!r}")
-    if not torch.is_tensor(indices) or indices.dim() != 1 or indices.is_floating_point():
-        raise ValueError(f"indices must be a 1-D integer tensor [B], got {indices!r:.80}")
-    if not torch.is_tensor(vectors) or vectors.shape != (len(indices), bank.dim):
-        raise ValueError(
-            f"vectors must be [B, d] = [{len(indices)}, {bank.dim}], got {vectors!r:.80}"
-        )
-    if not vectors.is_floating_point():
-        raise ValueError(f"vectors must be floating point, got dtype {vectors.dtype}")
-
-
 # ----------------------------------------------------------------------
 # Eq. 9 in closed form: the weight of the j-th most recent view.
 # ----------------------------------------------------------------------
@@ -300,6 +206,72 @@ def renormalized_decay(alpha, cos=0.0):
     cos = 0, i.e. mutually orthogonal views; cos = 1 gives back alpha).
     """
     return alpha / math.sqrt(alpha * alpha + (1 - alpha) ** 2 + 2 * alpha * (1 - alpha) * cos)
+
+
+# ----------------------------------------------------------------------
+# Helpers of MemoryBank.update.
+# ----------------------------------------------------------------------
+def _check_update(bank, indices, vectors, alpha, renormalize):
+    """update()'s argument checks; the unit-norm check reads values, so it runs on the CPU only."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < 1:
+        raise ValueError(f"alpha (the Eq. 7 update rate) must be a float in [0, 1), got {alpha!r}")
+    if not torch.is_tensor(indices) or indices.dim() != 1 or indices.is_floating_point():
+        raise ValueError(f"indices must be a 1-D integer tensor [B], got {indices!r:.80}")
+    if not torch.is_tensor(vectors) or vectors.shape != (len(indices), bank.dim):
+        raise ValueError(
+            f"vectors must be [B, d] = [{len(indices)}, {bank.dim}], got {vectors!r:.80}"
+        )
+    if not vectors.is_floating_point():
+        raise ValueError(f"vectors must be floating point, got dtype {vectors.dtype}")
+    if renormalize and vectors.device.type == "cpu" and len(vectors):
+        norms = vectors.detach().norm(dim=1)
+        if not ((norms - 1).abs() <= 1e-2).all():  # 1e-2: unit rows rounded to bf16 pass
+            raise ValueError(
+                f"vectors must be unit rows (F.normalize(z, dim=1)), as Eq. 6's cosines and the "
+                f"losses assume; got norms {norms.min():.4g}..{norms.max():.4g}"
+            )
+
+
+def _rounds(bank, indices, vectors):
+    """(rows, vectors) to write, round by round: every rank's batch, padding (-1) left out, and
+    duplicates split so that round r holds the r-th occurrence of each index.
+
+    torch.distributed: every rank passes the same B (the trainer pads with -1), so one all_gather
+    of known size per tensor suffices and no size is read off the device; the indices stay on the
+    CPU under gloo (or "cpu:gloo,cuda:nccl").  An index out of range raises on every rank.
+    The usual batch (one process, no padding, no duplicates) is one round, passed through.
+    """
+    indices = indices.to("cpu", torch.long)
+    vectors = vectors.detach()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, on_cpu = dist.get_world_size(), "gloo" in str(dist.get_backend())
+        idx = indices if on_cpu else indices.to(vectors.device)
+        all_idx = [torch.empty_like(idx) for _ in range(world)]
+        all_vec = [torch.empty_like(vectors) for _ in range(world)]
+        dist.all_gather(all_idx, idx)
+        dist.all_gather(all_vec, vectors)
+        indices, vectors = torch.cat(all_idx).cpu(), torch.cat(all_vec)
+    if indices.numel() and (indices.min() < -1 or indices.max() >= bank.size):
+        raise IndexError(f"indices must lie in [0, N) = [0, {bank.size}) or be -1 (padding)")
+    vectors = vectors.to(bank.vectors.device, bank.vectors.dtype, non_blocking=True)
+    kept = (indices >= 0).nonzero()[:, 0]  # on the CPU: no wait for the GPU
+    if len(kept) < len(indices):
+        indices, vectors = indices[kept], vectors[kept.to(vectors.device, non_blocking=True)]
+    # Occurrence rank: how many earlier entries hold the same index ([7, 3, 7, 7] -> [0, 0, 1, 2]).
+    # A stable sort keeps equal indices in order; the rank is the distance to its run's start.
+    sorted_indices, order = torch.sort(indices, stable=True)
+    position = torch.arange(len(indices))
+    run_start = torch.ones_like(sorted_indices, dtype=torch.bool)
+    run_start[1:] = sorted_indices[1:] != sorted_indices[:-1]
+    occurrence = torch.empty_like(position)
+    occurrence[order] = position - torch.cummax(torch.where(run_start, position, 0), dim=0).values
+    num_rounds = int(occurrence.max()) + 1 if len(indices) else 0
+    for round_ in range(num_rounds):
+        rows, new = indices, vectors
+        if num_rounds > 1:  # round r: the r-th occurrence of every index, in batch order
+            at = (occurrence == round_).nonzero()[:, 0]
+            rows, new = indices[at], vectors[at.to(vectors.device, non_blocking=True)]
+        yield rows.to(vectors.device, non_blocking=True), new
 
 
 # ----------------------------------------------------------------------

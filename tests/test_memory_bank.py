@@ -114,6 +114,18 @@ def test_bad_shapes_and_dtypes_are_rejected():
         bank.update(torch.tensor([0, 1]), torch.ones(2, 3, dtype=torch.long), 0.5)
 
 
+def test_non_unit_vectors_are_rejected_on_the_cpu():
+    # The losses assume unit z (Eq. 6's dot products are cosines); the bank, which takes the
+    # trainer's z every step, checks it (on the CPU: on a GPU the check would wait for the device).
+    bank = MemoryBank(6, 3)
+    before = bank.vectors.clone()
+    with pytest.raises(ValueError, match=r"unit rows \(F.normalize"):
+        bank.update(torch.tensor([0, 1]), 2 * unit(2, 3, 0), 0.5)
+    assert torch.equal(bank.vectors, before)
+    bank.update(torch.tensor([0, 1]), unit(2, 3, 0).bfloat16(), 0.5)  # rounded unit rows pass
+    bank.update(torch.tensor([0]), 2 * unit(1, 3, 0), 0.5, renormalize=False)  # literal Eq. 7
+
+
 def test_update_detaches_and_casts_its_inputs():
     bank = MemoryBank(6, 3)
     v = unit(2, 3, 0).double().requires_grad_()
@@ -138,11 +150,6 @@ def test_duplicates_are_applied_in_order_like_consecutive_steps():
     again = MemoryBank(5, 5, seed=1)
     again.update(idx, v, alpha=0.5)
     assert torch.equal(again.vectors, batched.vectors)
-
-
-def test_occurrence_rank():
-    got = memory_bank._occurrence_rank(torch.tensor([7, 3, 7, 7, 3, 9]))
-    assert got.tolist() == [0, 0, 1, 2, 1, 0]
 
 
 def test_no_communication_without_torch_distributed(monkeypatch):
