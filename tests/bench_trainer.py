@@ -207,10 +207,10 @@ def bench_pipeline(args):
         f"today's pil path here {totals['pil']:.2f} ms, {totals['pil'] / totals[best]:.2f}x)"
     )
     print(
-        f"at this rate: 15 loader cores of a 16-core H200 machine ~ {15 * per_core:,.0f} images/s; "
-        f"an 8-GPU node, 8 x 15 cores ~ {120 * per_core:,.0f} images/s (if its cores are this "
-        "fast), "
-        "against an estimated 8,000-12,000 images/s of ResNet-18 bf16 per GPU"
+        f"at this rate (if the cores are this fast): 15 loader cores of a 16-core one-GPU machine "
+        f"~ {15 * per_core:,.0f} images/s against an estimated 8,000-12,000 of ResNet-18 bf16 on "
+        f"an H200; an 8-GPU node needs ~{8 * 10_000 / per_core:,.0f} cores to feed 10,000 "
+        "images/s per GPU"
     )
     return totals
 
