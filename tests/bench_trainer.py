@@ -17,6 +17,10 @@ best of --rounds rounds (other processes on the machine only ever add time).  Th
   v2           torchvision.io.decode_jpeg and transforms.v2 on uint8 tensors
   mixed        decode_jpeg, v2's crop on the tensor, then PIL for grayscale, jitter and flip
 
+(torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; they are timed here
+because they are what torchvision offers today.)  With the same torch seed every path draws the same
+view (tests/test_cuda_check.py checks it), so a path's time is the same distribution's cost.
+
 PIL's draft mode (decode at 1/2, 1/4, 1/8 in the DCT) keeps the distribution of views only when the
 crop is drawn on the full-size image and the reduced crop box still has >= --image-size pixels on
 each side (then the resize still only shrinks).  The benchmark prints how often that happens.

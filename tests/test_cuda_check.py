@@ -160,3 +160,35 @@ def test_ddp_judge_fails_on_any_rank_difference_missing_row_or_host_sync():
     ):
         assert not cuda_check.judge_ddp(dict(world=2, ir=good, la=dict(good, **bad)))
     assert not cuda_check.judge_ddp(dict(world=1, ir=good, la=good))
+
+
+def test_bench_trainer_pipelines_draw_the_same_views_as_todays_pil_path():
+    """tests/bench_trainer.py's faster paths are only admissible if they keep App. D's views: with
+    the same torch seed each path must give the same crop, grayscale, jitter and flip as the PIL
+    path, up to resampling (a different crop or jitter draw differs by tens of levels)."""
+    import bench_trainer
+
+    data = bench_trainer.make_jpeg()
+    assert 80_000 < len(data) < 160_000  # ImageNet's mean JPEG is ~110 kB
+    paths = bench_trainer.pipelines(64)
+
+    def view(path, seed):
+        torch.manual_seed(seed)
+        x = data
+        for _, fn in paths[path]:
+            x = fn(x)
+        return x
+
+    for seed in range(4):
+        ref = view("pil-uint8", seed)
+        assert ref.dtype == torch.uint8 and ref.shape == (3, 64, 64)
+        assert torch.allclose(
+            view("pil", seed) * torch.tensor(cuda_check.it.IMAGENET_STD).view(3, 1, 1)
+            + torch.tensor(cuda_check.it.IMAGENET_MEAN).view(3, 1, 1),
+            ref / 255.0,
+            atol=1e-6,
+        )
+        for path in ("v2", "mixed"):
+            assert (view(path, seed).float() - ref.float()).abs().mean() < 2.0, (path, seed)
+        other = view("pil-uint8", seed + 100)
+        assert (other.float() - ref.float()).abs().mean() > 10.0  # another draw: another view
