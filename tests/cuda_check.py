@@ -313,7 +313,8 @@ def check_no_sync_step(algo, size, device):
 def subprocess_env(device, deterministic=False):
     paths = (REPO, os.environ.get("PYTHONPATH"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1") if device.type == "cuda" else "1"
+    if device.type == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # tiny runs; on CUDA, k-means on faiss-cpu gets every core
     if deterministic:
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS's condition for deterministic results
     return env
@@ -553,7 +554,7 @@ def ddp_worker(out_path, device_flag):
     """One rank of the ddp check (started by torchrun through --ddp-worker).  IR then LA, each a few
     steps of the trainer's own train_step on this rank's own images and rows; on CUDA the steps
     after the first two run under set_sync_debug_mode("error").  Rank 0 writes the result."""
-    ddp, rank, _, world, device = it.setup_distributed(device_flag)
+    ddp, rank, _, world, device = it.setup_distributed(device_flag, timeout_min=3.0)
     size, cuda = SIZES[device.type], device.type == "cuda"
     result = {}
     for algo in ("ir", "la"):
@@ -596,7 +597,8 @@ def ddp_worker(out_path, device_flag):
             except RuntimeError as err:
                 if not watch:
                     raise
-                sync_error = sync_error or str(err).strip().splitlines()[0]
+                sync_error = str(err).strip().splitlines()[0]
+                break  # both ranks stop at the same call: the code path is the same
             finally:
                 if watch:
                     torch.cuda.set_sync_debug_mode(0)
@@ -630,6 +632,7 @@ def check_ddp(size, device, work, log):
         torchrun(2, [os.path.abspath(__file__), "--device", device.type, "--ddp-worker", out]),
         device,
         log,
+        timeout=300,  # the ranks' collective timeout is 3 minutes
     )
     if status != 0 or not os.path.exists(out):
         return False, dict(returncode=status, output_tail=output[-1500:])
