@@ -159,7 +159,11 @@ def bench_pipeline(args):
     columns = ["decode", "crop", "to PIL", "gray", "jitter", "flip", "to tensor"]
     print(f"{'path':<10}" + "".join(f"{c:>10}" for c in columns) + f"{'total ms':>10}{'img/s':>8}")
     paths = pipelines(args.image_size, args.crop_min_scale)
-    ms, out = time_stages(paths, data, args.views, args.rounds)
+    # and the trainer's own view (imagenet_train.train_transform) after the decode its workers do
+    view = it.train_transform(args.image_size, crop_min_scale=args.crop_min_scale)
+    ms, out = time_stages({**paths, "trainer": [("decode", pil_decode), ("view", view)]}, data,
+                          args.views, args.rounds)  # fmt: skip
+    own_ms = ms.pop("trainer")
     totals = {}
     for path in paths:
         assert tuple(out[path].shape) == (3, args.image_size, args.image_size), out[path].shape
@@ -197,6 +201,9 @@ def bench_pipeline(args):
         "of "
         f"App. D's crops of a 500x375 image keep >= {args.image_size} px per side at 1/2; the rest "
         "would lose resolution (a different view), so draft is not used"
+    )
+    print(
+        f"imagenet_train.train_transform after a PIL decode: {sum(own_ms.values()):.2f} ms per view"
     )
     cpu_only = sum(v for k, v in ms["mixed"].items() if k in ("decode", "crop"))
     print(
