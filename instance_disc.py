@@ -132,15 +132,16 @@ def ann_loss(
             if torch.is_tensor(k_close):  # a row-wise isin; the stride N + 1 keeps -1 unmatched
                 rows = torch.arange(len(idx), device=bank.device)[:, None] * (len(bank) + 1)
                 close = torch.isin(b_i + rows, k_close.to(bank.device) + rows)
-            else:  # above the (k - k_close)-th smallest similarity to the anchor
+            else:  # the k_close members of B_i most similar to its anchor (z or M[i])
                 near = background if neighbours_of == "z" else (bank[idx] @ bank.T).gather(1, b_i)
-                close = near > near.kthvalue(k_background - k_close, dim=1, keepdim=True).values
+                close = torch.zeros_like(b_i, dtype=torch.bool)
+                close.scatter_(1, near.topk(k_close, dim=1, sorted=False)[1], True)
             close |= (b_i == idx[:, None]) & include_positive  # i leaves; added once below
     positive = (q * bank[idx]).sum(dim=1)  # [B]: s_i
+    # log p(D_i | x, M) + log Z, D_i = B_i \ C_i with i counted once (include_positive) or not
     log_annulus = background.masked_fill(close, -math.inf).logsumexp(dim=1)
-    if include_positive:
-        log_annulus = log_annulus.logaddexp(positive)
-    return (log_annulus - positive).mean()
+    log_d = log_annulus.logaddexp(positive) if include_positive else log_annulus
+    return (log_d - positive).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,22 +183,22 @@ class BackgroundLogits(torch.autograd.Function):
             raise ValueError(f"k_background must be in [1, N = {len(bank)}], got {k}")
         if neighbours_of not in ("z", "bank"):
             raise ValueError(f'neighbours_of must be "z" or "bank", got {neighbours_of!r}')
-        logits = q @ bank.T  # [B, N]
-        b_i = (logits if neighbours_of == "z" else bank[idx] @ bank.T).topk(k, sorted=False)[1]
-        ctx.save_for_backward(b_i, bank)
-        return logits.gather(1, b_i), b_i
+        logits = q @ bank.T  # [B, N]: with B_i around z, the one product of the loss
+        near = logits if neighbours_of == "z" else bank[idx] @ bank.T
+        values, b_i = near.topk(k, sorted=False)  # B_i: [B, k] indices
+        ctx.save_for_backward(b_i, bank)  # embedding_bag's (input, weight), in that order
+        return (values if near is logits else logits.gather(1, b_i)), b_i
 
     @staticmethod
-    def backward(ctx, grad, _):
-        b_i, bank = ctx.saved_tensors
-        return F.embedding_bag(b_i, bank, per_sample_weights=grad, mode="sum"), *[None] * 4
+    def backward(ctx, grad, _):  # to q through the k rows of B_i only
+        return F.embedding_bag(*ctx.saved_tensors, per_sample_weights=grad, mode="sum"), *[None] * 4
 
 
 # ----------------------------------------------------------------------------------------------
 # Demo: the four losses on a synthetic bank, and the checks of Section 5.3.
 # ----------------------------------------------------------------------------------------------
 def make_synthetic_bank(num_items, dim, num_clusters, spread, generator):
-    """A clustered unit-norm bank [N, d] (so neighbourhoods mean something) and each row's cluster."""
+    """A clustered unit-norm bank [N, d] (so neighbourhoods mean something), each row's cluster."""
     centres = F.normalize(torch.randn(num_clusters, dim, generator=generator), dim=1)
     labels = torch.randint(0, num_clusters, (num_items,), generator=generator)
     bank = centres[labels] + spread * torch.randn(num_items, dim, generator=generator) / dim**0.5
@@ -207,7 +208,8 @@ def make_synthetic_bank(num_items, dim, num_clusters, spread, generator):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Section 5.3 on a synthetic memory bank: IR (Eq. 6), IR with sampled negatives "
-        "(Theorem 5.1), Ball (Def. 5.2) and Annulus (Def. 5.3) Discrimination, with numerical checks of "
+        "(Theorem 5.1), Ball (Def. 5.2) and Annulus (Def. 5.3) Discrimination, with numerical "
+        "checks of "
         "Theorem 5.1 and of the cancellation in Corollary 5.3.1."
     )
     parser.add_argument(
@@ -318,7 +320,8 @@ def main(argv=None):
         ),
     ]
     print(
-        f"{'loss':<28} | {'value':>8} | {'K (denominator size)':>20} | {'log K - loss':>12} | {'forward ms':>10}"
+        f"{'loss':<28} | {'value':>8} | {'K (denominator size)':>20} | {'log K - loss':>12} | "
+        f"{'forward ms':>10}"
     )
     for name, fn, size in rows:
         start = time.perf_counter()
@@ -346,10 +349,12 @@ def main(argv=None):
     ir = float(ir_loss(z, bank, idx, args.tau))
     print(
         f"\nTheorem 5.1: infonce.infonce_bound over all N = {nce:.6f};  log N - ir_loss = "
-        f"{math.log(args.num_items) - ir:.6f};  difference {abs(nce - (math.log(args.num_items) - ir)):.1e}"
+        f"{math.log(args.num_items) - ir:.6f};  "
+        f"difference {abs(nce - (math.log(args.num_items) - ir)):.1e}"
     )
 
-    # Corollary 5.3.1: log p(i)/p(B_i) from the full-softmax probabilities equals the direct form over B_i.
+    # Corollary 5.3.1: log p(i)/p(B_i) from the full-softmax probabilities equals the direct form
+    # over B_i.
     with torch.no_grad():
         s64 = (z.double() @ bank.double().T) / args.tau
         log_p = torch.log_softmax(s64, dim=1)  # log p(j | x, M), normalized over all N
@@ -371,7 +376,8 @@ def main(argv=None):
         ball_loss(z.double(), bank.double(), idx, args.tau, args.k_background, args.neighbours_of)
     )
     print(
-        f"Corollary 5.3.1: mean log p(i)/p(B_i) from full-softmax probabilities = {float(via_probabilities):.6f}; "
+        f"Corollary 5.3.1: mean log p(i)/p(B_i) from full-softmax probabilities = "
+        f"{float(via_probabilities):.6f}; "
         f"direct form over B_i = {direct:.6f} (the 1/sum over N cancels)"
     )
 
@@ -379,7 +385,8 @@ def main(argv=None):
     naive = torch.exp((z.half() @ bank.half().T) / args.tau)
     half = float(ir_loss(F.normalize(z.half(), dim=1), bank.half(), idx, args.tau))
     print(
-        f"fp16: naive exp(z.M/tau) has {int(torch.isinf(naive).sum())} inf entries of {naive.numel()}; "
+        f"fp16: naive exp(z.M/tau) has {int(torch.isinf(naive).sum())} inf entries of "
+        f"{naive.numel()}; "
         f"ir_loss on fp16 inputs = {half:.4f} (fp32: {ir:.4f})"
     )
 

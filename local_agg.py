@@ -82,13 +82,13 @@ def la_loss(
     with torch.no_grad():  # C_i ∩ B_i as a [B, k] mask: i's cluster-mates in any clustering
         close = torch.zeros_like(b_i, dtype=torch.bool)
         for labels in cluster_labels:  # [N], one clustering
-            close |= labels[b_i] == labels[idx][:, None]
-    # In log space: log p(.) + log Z, where Eq. 6's normalizer Z (or the LA code's) cancels.
-    add_i = include_positive & ~(b_i == idx[:, None]).any(dim=1)  # i's term, where B_i misses i
+            close |= labels.expand(len(idx), -1).gather(1, b_i) == labels[idx][:, None]
+    add_i = include_positive & ~(b_i == idx[:, None]).any(dim=1)  # i joins B_i where B_i misses it
     positive = (q * bank[idx]).sum(dim=1).masked_fill(~add_i, -math.inf)
-    log_b = background.logsumexp(dim=1).logaddexp(positive)
-    log_c = background.masked_fill(~close, -math.inf).logsumexp(dim=1).logaddexp(positive)
-    per_image = torch.where(close.any(dim=1) | add_i, log_b - log_c, -math.log(1e-7))
+    log_b = background.logsumexp(dim=1).logaddexp(positive)  # log p(B_i | x, M) + log Z
+    # Eq. 8's ratio p(C_i ∩ B_i | x, M) / p(B_i | x, M): Eq. 6's normalizer Z cancels.
+    ratio = ((background - log_b[:, None]).exp() * close).sum(dim=1) + (positive - log_b).exp()
+    per_image = -torch.where(ratio > 0, ratio, 1e-7).log()  # empty C_i ∩ B_i: the LA code's
     return per_image.mean() if reduction == "mean" else per_image
 
 
@@ -187,8 +187,9 @@ def run_kmeans(
             elapsed = time.perf_counter() - start
             left = elapsed / (row + 1) * (len(which) - row - 1)
             print(
-                f"k-means {row + 1}/{len(which)} (h = {h}): N={n} K={num_clusters} seed={int(seed) + h} "
-                f"objective {kmeans.obj[0]:.4g} -> {objective:.4g} in {len(kmeans.obj)} iterations, "
+                f"k-means {row + 1}/{len(which)} (h = {h}): N={n} K={num_clusters} "
+                f"seed={int(seed) + h} objective {kmeans.obj[0]:.4g} -> {objective:.4g} in "
+                f"{len(kmeans.obj)} iterations, "
                 f"{elapsed / (row + 1):.2f} s/clustering, ~{left:.1f} s left "
                 f"({'GPU' if use_gpu else 'CPU'} faiss, {faiss.omp_get_max_threads()} threads)",
                 flush=True,
@@ -200,7 +201,7 @@ def run_kmeans(
 
 
 def faiss_has_gpu():
-    """True if faiss is installed with GPU support and sees a GPU; False for faiss-cpu or no faiss."""
+    """True if faiss has GPU support and sees a GPU (False for faiss-cpu, or without faiss)."""
     try:
         import faiss
     except ImportError:
@@ -257,8 +258,9 @@ def warn_if_kmeans_on_cpu(device, num_points, num_clusters, num_clusterings, nit
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Local Aggregation (Sec. 5.3, Eq. 8, Appendix D) on a synthetic clustered memory bank: "
-        "H k-means clusterings give the close sets C_i; IR (Eq. 6), BALL (Def. 5.2), ANN (Def. 5.3) and LA "
+        description="Local Aggregation (Sec. 5.3, Eq. 8, Appendix D) on a synthetic clustered "
+        "memory bank: H k-means clusterings give the close sets C_i; IR (Eq. 6), BALL (Def. 5.2), "
+        "ANN (Def. 5.3) and LA "
         "(Eq. 8) side by side, with the checks of Theorem 5.4 and Corollary 5.4.1."
     )
     parser.add_argument(
@@ -339,7 +341,8 @@ def main(argv=None):
     z = F.normalize(bank[idx] + noise, dim=1)  # today's view of image i, near M[i]
     n, k, b = args.num_items, args.k_background, args.batch_size
     print(
-        f"synthetic bank: N={n} unit vectors in d={args.dim} around {args.num_classes} hidden classes; "
+        f"synthetic bank: N={n} unit vectors in d={args.dim} around {args.num_classes} hidden "
+        f"classes; "
         f"B={b}, tau={args.tau}, |B_i|={k} around {args.neighbours_of!r}\n"
     )
 

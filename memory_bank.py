@@ -106,7 +106,7 @@ class MemoryBank:
         return z.to(self.vectors.dtype) @ self.vectors.T
 
     def topk(self, z, k):
-        """The k bank entries nearest to each row of z by cosine: (values [B, k], indices [B, k]), sorted."""
+        """The k bank rows nearest to each row of z by cosine: (values, indices), [B, k], sorted."""
         if isinstance(k, bool) or int(k) != k or not (1 <= k <= self.size):
             raise ValueError(f"k must be an integer in [1, N] = [1, {self.size}], got {k!r}")
         return torch.topk(self.similarities(z), int(k), dim=1, largest=True, sorted=True)
@@ -148,7 +148,8 @@ class MemoryBank:
             self.dim,
         ):
             raise ValueError(
-                f"state holds a bank of shape {tuple(vectors.shape)} (size={state['size']}, dim={state['dim']}), "
+                f"state holds a bank of shape {tuple(vectors.shape)} "
+                f"(size={state['size']}, dim={state['dim']}), "
                 f"this bank is [{self.size}, {self.dim}]"
             )
         if not torch.isfinite(vectors).all():
@@ -163,7 +164,8 @@ class MemoryBank:
         return self
 
     def __repr__(self):
-        return f"MemoryBank(size={self.size}, dim={self.dim}, device={self.vectors.device}, dtype={self.vectors.dtype})"
+        where = f"device={self.vectors.device}, dtype={self.vectors.dtype}"
+        return f"MemoryBank(size={self.size}, dim={self.dim}, {where})"
 
 
 # ----------------------------------------------------------------------
@@ -201,7 +203,8 @@ def renormalized_decay(alpha, cos=0.0):
     """Per-update decay of an old view's weight once rows are re-normalized.
 
     If every new view v has cosine `cos` with the current (unit) row, each
-    re-normalization multiplies the row by c = 1/sqrt(alpha^2 + (1-alpha)^2 + 2 alpha (1-alpha) cos),
+    re-normalization multiplies the row by
+    c = 1/sqrt(alpha^2 + (1-alpha)^2 + 2 alpha (1-alpha) cos),
     so older views decay by alpha*c per update instead of alpha (exact for
     cos = 0, i.e. mutually orthogonal views; cos = 1 gives back alpha).
     """
@@ -336,13 +339,16 @@ def main(argv=None):
     start = time.time()
 
     print(
-        "Eq. 9: after many epochs M[i] = (1-alpha) * sum_j alpha^(j-1) E(v(x_i, a_j)), view j = j-th most recent."
+        "Eq. 9: after many epochs M[i] = (1-alpha) * sum_j alpha^(j-1) E(v(x_i, a_j)), "
+        "view j = j-th most recent."
     )
     print(
-        "n_alpha(q) = fewest recent views holding a fraction q of the weight = ceil(log(1-q)/log alpha);"
+        "n_alpha(q) = fewest recent views holding a fraction q of the weight "
+        "= ceil(log(1-q)/log alpha);"
     )
     print(
-        "ESS = (sum w)^2 / sum w^2 = (1+alpha)/(1-alpha) (Kish's effective sample size), for comparison.\n"
+        "ESS = (sum w)^2 / sum w^2 = (1+alpha)/(1-alpha) (Kish's effective sample size), "
+        "for comparison.\n"
     )
     head = " ".join(f"w{j + 1:<6}" for j in range(args.views))
     print(
@@ -364,15 +370,18 @@ def main(argv=None):
         ess = (1 + alpha) / (1 - alpha)
         cells = " ".join(f"{w:<7.4f}" for w in weights.tolist())
         print(
-            f"{alpha:>6g} | {cells}| {n_alpha(alpha, args.mass):>13d} | {n_alpha(alpha, 1 - 1 / math.e):>14d} "
+            f"{alpha:>6g} | {cells}| {n_alpha(alpha, args.mass):>13d} | "
+            f"{n_alpha(alpha, 1 - 1 / math.e):>14d} "
             f"| {ess:<7.1f} | {decay:<12.5f} | {n_renorm:>20} | {measured:.5f}"
         )
 
     print(
-        "\nrenorm decay: with re-normalization and mutually orthogonal views (cosine 0) old views decay by"
+        "\nrenorm decay: with re-normalization and mutually orthogonal views (cosine 0) old views "
+        "decay by"
     )
     print(
-        "alpha / sqrt(alpha^2 + (1-alpha)^2) per update, not alpha; n_alpha grows accordingly.  With views"
+        "alpha / sqrt(alpha^2 + (1-alpha)^2) per update, not alpha; n_alpha grows accordingly.  "
+        "With views"
     )
     print(
         "that agree (cosine c) the factor is smaller; e.g. alpha = 0.9:",

@@ -1,4 +1,5 @@
-"""Tests for instance_disc.py: Eq. 6, Theorem 5.1, Definitions 5.2/5.3, Corollary 5.3.1, stability, errors."""
+"""Tests for instance_disc.py: Eq. 6, Theorem 5.1, Definitions 5.2/5.3, Corollary 5.3.1,
+stability, errors."""
 
 import math
 
@@ -27,7 +28,7 @@ def problem(n=300, d=16, b=12, seed=0, noise=0.6, dtype=torch.float32):
 
 
 def all_scores(z, bank, idx, tau):
-    """[B, N] InfoNCE scores with the positive in column 0 and the other N-1 entries after it (float64)."""
+    """[B, N] InfoNCE scores, the positive in column 0 and the other N-1 entries after it (fp64)."""
     s = (z.double() @ bank.double().T) / tau
     b, n = s.shape
     others = torch.stack([torch.cat([s[r, : idx[r]], s[r, idx[r] + 1 :]]) for r in range(b)])
@@ -35,7 +36,7 @@ def all_scores(z, bank, idx, tau):
 
 
 def ball_by_definition(z, bank, idx, tau, k, anchor="z", close=0, include_positive=True):
-    """Definitions 5.2/5.3 straight from p(j | x, M): full-softmax probabilities, sets built by sorting."""
+    """Definitions 5.2/5.3 straight from p(j | x, M): full-softmax probabilities, sorted sets."""
     s = (z.double() @ bank.double().T) / tau
     p = torch.softmax(s, dim=1)  # Eq. 6, normalized over all N
     rank_by = s if anchor == "z" else bank.double()[idx] @ bank.double().T
@@ -198,7 +199,8 @@ def test_ann_with_an_explicit_close_set():
 
 
 def test_ann_with_everything_close_keeps_only_the_positive():
-    # C_i covering all of B_i: the denominator is the positive alone, loss 0, zero (not NaN) gradient.
+    # C_i covering all of B_i: the denominator is the positive alone, loss 0, zero (not NaN)
+    # gradient.
     z, bank, idx = problem(seed=9, noise=1.0)
     top = torch.topk(z @ bank.T, 10, dim=1).indices
     z = z.clone().requires_grad_()
@@ -430,7 +432,8 @@ def test_autocast_does_not_lower_the_precision(name):
     mixed = z.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = calls[name](mixed)
-    # backward outside the autocast region, as PyTorch's AMP docs prescribe (and imagenet_train.py does):
+    # backward outside the autocast region, as PyTorch's AMP docs prescribe (and imagenet_train.py
+    # does):
     # on the CPU a backward called inside it would run the matmul's backward in bf16 too.
     loss.backward()
     torch.testing.assert_close(loss, reference)

@@ -111,7 +111,7 @@ def test_run_kmeans_shape_range_and_seeds():
     assert torch.equal(labels, run_kmeans(bank, 10, num_clusterings=3, seed=5, verbose=False))
     assert torch.equal(labels[1:], run_kmeans(bank, 10, num_clusterings=2, seed=6, verbose=False))
     # Different seeds give different PARTITIONS (not just renamed ids).
-    together = [(l.unsqueeze(0) == l.unsqueeze(1)) for l in labels]  # co-membership
+    together = [(row.unsqueeze(0) == row.unsqueeze(1)) for row in labels]  # co-membership
     assert not torch.equal(together[0], together[1])
     assert not torch.equal(together[1], together[2])
 
@@ -601,7 +601,7 @@ except ImportError as error:
 
 
 def test_run_kmeans_spread_over_ranks_gives_the_labels_of_one_process():
-    """Rank r of W runs clusterings h = r, r + W, ...; clustering h uses seed + h wherever it runs."""
+    """Rank r of W runs clusterings h = r, r + W, ...; clustering h uses seed + h, wherever."""
     bank, _ = clustered_bank(n=300, d=8, classes=6)
     every = run_kmeans(bank, 6, num_clusterings=5, seed=3, verbose=False)
     for world in (2, 3):

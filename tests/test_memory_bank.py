@@ -1,4 +1,5 @@
-"""Tests for memory_bank.py: Eq. 7 (+ re-normalization), Eq. 9, duplicates, checkpoints, distributed."""
+"""Tests for memory_bank.py: Eq. 7 (+ re-normalization), Eq. 9, duplicates, checkpoints,
+distributed."""
 
 import io
 import math
