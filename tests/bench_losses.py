@@ -117,7 +117,7 @@ def paired_ms(floor_fn, step_fn, repeats):
     medians in ms: (floor wall, floor cpu, step wall, step cpu)."""
     floor_fn(), step_fn()  # warm-up: allocator, thread pools
     samples = [clock(floor_fn) + clock(step_fn) for _ in range(repeats)]
-    return tuple(1e3 * statistics.median(column) for column in zip(*samples))
+    return tuple(1e3 * statistics.median(column) for column in zip(*samples, strict=True))
 
 
 def peak_allocated_bytes(fn, similarities_bytes):
@@ -201,9 +201,65 @@ def parts_ms(bank_vectors, raw, idx, labels, tau, k, k_close, repeats):
             clock(all_h)[1] - clock(first_only)[1] for _ in range(2 * repeats)
         ]  # paired, like the steps
         out[
-            f"LA's C_i: labels of {labels.shape[0] - 1} more clusterings (la_loss H={labels.shape[0]} - H=1)"
+            f"LA's C_i: labels of {labels.shape[0] - 1} more clusterings "
+            f"(la_loss H={labels.shape[0]} - H=1)"
         ] = 1e3 * statistics.median(differences)
     return out
+
+
+def measure(n, args, rows, memory_rows, part_rows):
+    """Steps, pieces and memory of every loss at bank size n, added to the three tables."""
+    b, d, k, h = args.batch_size, args.dim, args.k_background, args.clusterings
+    bank = MemoryBank(n, d, seed=0)
+    num_clusters = max(2, round(n * 30_000 / 1_281_167))
+    labels = torch.randint(0, num_clusters, (h, n))
+    raw = torch.randn(b, d, requires_grad=True)
+    idx = torch.randperm(n)[:b]
+
+    def floor():
+        with torch.no_grad():
+            (raw.detach() @ bank.vectors.T).topk(k, dim=1, sorted=False)
+
+    losses = {
+        "IR (Eq. 6)": lambda z: ir_loss(z, bank.vectors, idx, args.tau),
+        "IR-NCE": lambda z: ir_nce_loss(z, bank.vectors, idx, args.tau, args.num_negatives),
+        "BALL (Def. 5.2)": lambda z: ball_loss(z, bank.vectors, idx, args.tau, k),
+        "ANN (Def. 5.3)": lambda z: ann_loss(z, bank.vectors, idx, args.tau, k),
+        "LA (Eq. 8)": lambda z: la_loss(z, bank.vectors, idx, labels, args.tau, k),
+    }
+
+    def step(loss_fn):
+        def run():
+            raw.grad = None
+            z = F.normalize(raw, dim=1)
+            loss_fn(z).backward()
+            bank.update(idx, z.detach(), args.alpha)
+
+        return run
+
+    floors_cpu = []
+    for name, loss_fn in losses.items():
+        floor_wall, floor_cpu, wall, cpu = paired_ms(floor, step(loss_fn), args.repeats)
+        floors_cpu.append(floor_cpu)
+        rows.setdefault(name, {})[n] = (wall, wall / floor_wall, cpu, cpu / floor_cpu)
+        print(
+            f"N={n}: {name}: wall {wall:.1f} ms = {wall / floor_wall:.2f} x floor "
+            f"({floor_wall:.1f} ms); "
+            f"CPU {cpu:.1f} ms = {cpu / floor_cpu:.2f} x floor ({floor_cpu:.1f} ms)",
+            flush=True,
+        )
+    floor_cpu = statistics.median(floors_cpu)
+    rows.setdefault("floor: z @ bank.T + topk", {})[n] = (float("nan"), 1.0, floor_cpu, 1.0)
+    if not args.skip_parts:
+        for name, ms in parts_ms(
+            bank.vectors, raw, idx, labels, args.tau, k, k // 10, args.repeats
+        ).items():
+            part_rows.setdefault(name, {})[n] = ms
+
+    if not args.skip_memory:
+        for name, loss_fn in losses.items():
+            peak, beyond = peak_allocated_bytes(step(loss_fn), b * n * 4)
+            memory_rows.append((n, name, peak, beyond / (b * k * 4)))
 
 
 def main(args):
@@ -215,62 +271,15 @@ def main(args):
         faiss.omp_set_num_threads(args.threads)
     b, d, k, h = args.batch_size, args.dim, args.k_background, args.clusterings
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} d={d} k_background={k} "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} d={d} "
+        f"k_background={k} "
         f"H={h} repeats={args.repeats} (medians)"
     )
     print("Timings on a shared machine are noisy; compare ratios taken in the same run.\n")
 
     rows, memory_rows, part_rows = {}, [], {}
     for n in args.sizes:
-        bank = MemoryBank(n, d, seed=0)
-        num_clusters = max(2, round(n * 30_000 / 1_281_167))
-        labels = torch.randint(0, num_clusters, (h, n))
-        raw = torch.randn(b, d, requires_grad=True)
-        idx = torch.randperm(n)[:b]
-
-        def floor():
-            with torch.no_grad():
-                (raw.detach() @ bank.vectors.T).topk(k, dim=1, sorted=False)
-
-        losses = {
-            "IR (Eq. 6)": lambda z: ir_loss(z, bank.vectors, idx, args.tau),
-            "IR-NCE": lambda z: ir_nce_loss(z, bank.vectors, idx, args.tau, args.num_negatives),
-            "BALL (Def. 5.2)": lambda z: ball_loss(z, bank.vectors, idx, args.tau, k),
-            "ANN (Def. 5.3)": lambda z: ann_loss(z, bank.vectors, idx, args.tau, k),
-            "LA (Eq. 8)": lambda z: la_loss(z, bank.vectors, idx, labels, args.tau, k),
-        }
-
-        def step(loss_fn):
-            def run():
-                raw.grad = None
-                z = F.normalize(raw, dim=1)
-                loss_fn(z).backward()
-                bank.update(idx, z.detach(), args.alpha)
-
-            return run
-
-        floors_cpu = []
-        for name, loss_fn in losses.items():
-            floor_wall, floor_cpu, wall, cpu = paired_ms(floor, step(loss_fn), args.repeats)
-            floors_cpu.append(floor_cpu)
-            rows.setdefault(name, {})[n] = (wall, wall / floor_wall, cpu, cpu / floor_cpu)
-            print(
-                f"N={n}: {name}: wall {wall:.1f} ms = {wall / floor_wall:.2f} x floor ({floor_wall:.1f} ms); "
-                f"CPU {cpu:.1f} ms = {cpu / floor_cpu:.2f} x floor ({floor_cpu:.1f} ms)",
-                flush=True,
-            )
-        floor_cpu = statistics.median(floors_cpu)
-        rows.setdefault("floor: z @ bank.T + topk", {})[n] = (float("nan"), 1.0, floor_cpu, 1.0)
-        if not args.skip_parts:
-            for name, ms in parts_ms(
-                bank.vectors, raw, idx, labels, args.tau, k, k // 10, args.repeats
-            ).items():
-                part_rows.setdefault(name, {})[n] = ms
-
-        if not args.skip_memory:
-            for name, loss_fn in losses.items():
-                peak, beyond = peak_allocated_bytes(step(loss_fn), b * n * 4)
-                memory_rows.append((n, name, peak, beyond / (b * k * 4)))
+        measure(n, args, rows, memory_rows, part_rows)
 
     # ---- tables ----------------------------------------------------------
     # CPU time (time.process_time) is the figure to read on a shared machine
@@ -299,7 +308,8 @@ def main(args):
 
     if memory_rows:
         print(
-            f"\n| N | loss | peak allocated during a step (MiB) | peak of all but the [B,N] similarities, "
+            f"\n| N | loss | peak allocated during a step (MiB) | "
+            f"peak of all but the [B,N] similarities, "
             f"in [B,k]={b}x{k} fp32 tensors |"
         )
         print("|---|---|---|---|")
@@ -320,7 +330,8 @@ def main(args):
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         print(
             f"\nfaiss k-means ({'GPU' if faiss_has_gpu() else 'CPU'}): N={args.kmeans_n:,} d={d} "
-            f"K={args.kmeans_k:,}, 20 iterations, all rows used: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU "
+            f"K={args.kmeans_k:,}, 20 iterations, all rows used: {seconds:.1f} s wall, "
+            f"{cpu_seconds:.1f} s CPU "
             f"per clustering (x{h} clusterings = {h * seconds:.0f} s wall per re-clustering); "
             f"final objective (Kmeans.obj[-1]) {objectives[0]:.4g}"
         )
