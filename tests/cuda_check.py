@@ -340,41 +340,16 @@ def trainer(argv):
 
 
 def train_argv(data, out, algo, size, device, precision, epochs, batch, workers):
-    argv = [
-        "--data",
-        data,
-        "--out-dir",
-        out,
-        "--algo",
-        algo,
-        "--device",
-        device.type,
-        "--precision",
-        precision,
-        "--image-size",
-        str(size["image_size"]),
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        str(epochs),
-        "--workers",
-        str(workers),
-        "--knn-k",
-        "10",
-        "--k-background",
-        str(size["train_k_background"]),
-        "--log-every",
-        "1000",
-    ]
-    if algo == "la":
-        argv += [
-            "--kmeans-k",
-            str(size["train_kmeans_k"]),
-            "--n-kmeans",
-            "3",
-            "--la-warmup-epochs",
-            "1",
-        ]
+    # fmt: off
+    argv = ["--data", data, "--out-dir", out, "--algo", algo, "--device", device.type,
+            "--precision", precision, "--image-size", str(size["image_size"]),
+            "--batch-size", str(batch), "--epochs", str(epochs), "--workers", str(workers),
+            "--knn-k", "10", "--k-background", str(size["train_k_background"]),
+            "--log-every", "1000"]
+    if algo == "la":  # one IR warm-up epoch, then k-means every epoch
+        argv += ["--kmeans-k", str(size["train_kmeans_k"]), "--n-kmeans", "3",
+                 "--la-warmup-epochs", "1"]
+    # fmt: on
     return argv
 
 
@@ -653,21 +628,12 @@ def judge_ddp(got):
 
 
 def check_benchmark(size, device, log):
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "tests", "bench_trainer.py"),
-        "--part",
-        "step",
-        "--json",
-        "--device",
-        device.type,
-        "--algos",
-        "ir",
-        "la",
-        "--precision",
-        "bf16" if device.type == "cuda" else "fp32",
-    ] + size["bench"]
-    status, output = run_process(cmd, device, log)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    # fmt: off
+    cmd = [sys.executable, os.path.join(REPO, "tests", "bench_trainer.py"), "--part", "step",
+           "--json", "--device", device.type, "--algos", "ir", "la", "--precision", precision]
+    # fmt: on
+    status, output = run_process(cmd + size["bench"], device, log)
     rows = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     if status != 0 or [r["algo"] for r in rows] != ["ir", "la"]:
         return False, dict(returncode=status, output_tail=output[-1500:])
