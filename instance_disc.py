@@ -25,7 +25,7 @@ Conventions shared by every loss here and by local_agg.la_loss:
     z [B, d]     unit rows (F.normalize(z, dim=1)); bank [N, d] unit rows, e.g. MemoryBank.vectors;
     idx [B]      each image's row i; tau > 0, the temperature (Appendix D: 0.07).
     Losses are minimized (loss = -objective), averaged over the batch; gradients reach z only.
-    Arithmetic is float32 (float64 if z or the bank is), with autocast off: exp(1 / 0.07) = 1.2e6
+    Arithmetic is float32 (float64 if z or the bank is), with autocast off: exp(1 / 0.07) = 1.6e6
     overflows fp16, so nothing is exponentiated outside a logsumexp or a cross-entropy.
     The losses check shapes and arguments only; unit rows and indices in range are the caller's
     (MemoryBank.update checks its indices), so on a GPU no loss makes the host wait.

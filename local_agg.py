@@ -17,8 +17,9 @@ In this file: la_loss (Eq. 8), then run_kmeans (Appendix D's clusterings, with f
 where faiss has one), then the demo, `python local_agg.py`.
 
 The published LA code (TensorFlow, and its PyTorch port) computes the same ratio with
-p(j | x) = exp(z . M[j] / tau) / Z for a fixed constant Z; Z cancels in Eq. 8, and la_loss works in
-log space (masked logsumexp) instead of -log(ratio + 1e-7), a difference of at most 1e-7 / ratio.
+p(j | x) = exp(z . M[j] / tau) / Z for a fixed constant Z; Z cancels in Eq. 8.  la_loss sums
+probabilities normalized over B_i (exp of logits minus their logsumexp, never above 1) and takes
+-log(ratio), not -log(ratio + 1e-7): a difference of at most 1e-7 / ratio.
 The one real difference is `include_positive`, which matters only when i is not among the
 k_background rows nearest to z.  (The TF code starts every clustering as labels = arange(N), i.e.
 C_i = {i}: until its first k-means, LA trains as BALL, as Theorem 5.4 says.)
@@ -346,13 +347,15 @@ def main(argv=None):
         f"B={b}, tau={args.tau}, |B_i|={k} around {args.neighbours_of!r}\n"
     )
 
-    # -- Appendix D: H clusterings with different seeds.  These are tiny, so
-    #    one faiss thread is fastest (see the CPU-threads note in run_kmeans).
-    import faiss
-
-    faiss.omp_set_num_threads(1)
+    # -- Appendix D: H clusterings with different seeds.  They are tiny: one faiss thread, so
+    #    faiss's OpenMP pool does not spin against torch's.
     labels, objectives = run_kmeans(
-        bank, args.num_clusters, args.num_clusterings, seed=args.seed, return_objectives=True
+        bank,
+        args.num_clusters,
+        args.num_clusterings,
+        seed=args.seed,
+        return_objectives=True,
+        threads=1,
     )
 
     # -- C_i for the batch (a dense [B, N] mask is fine in a demo, not in the loss).

@@ -66,7 +66,6 @@ class MemoryBank:
         self.size, self.dim, self.seed = int(size), int(dim), int(seed)
         generator = torch.Generator().manual_seed(self.seed)
         # A normalized standard Gaussian is uniform on the sphere S^(d-1).
-        # (lemniscate / LA draw uniform on a cube and normalize: not uniform on the sphere.)
         vectors = torch.randn(self.size, self.dim, generator=generator)
         vectors = vectors / vectors.norm(dim=1, keepdim=True)
         self.vectors = vectors.to(device) if device is not None else vectors
@@ -87,7 +86,8 @@ class MemoryBank:
         """
         _check_update(self, indices, vectors, alpha, renormalize)
         for rows, new in _rounds(self, indices, vectors):  # all ranks' rows, duplicates in turn
-            mixed = alpha * self.vectors[rows] + (1.0 - alpha) * new  # Eq. 7: gather and mix
+            # Eq. 7: M[i] <- alpha*M[i] + (1-alpha)*E(v(x_i, a))
+            mixed = alpha * self.vectors[rows] + (1.0 - alpha) * new  # gather and mix
             if renormalize:  # not in the paper's Eq. 7; the reference code re-normalizes
                 mixed = F.normalize(mixed, dim=1)
             self.vectors.index_copy_(0, rows, mixed)  # write (rows are unique within a round)
@@ -102,7 +102,8 @@ class MemoryBank:
         Uses the transposed view of the buffer, so the bank is not copied; z is
         cast to the bank's dtype.  Gradients flow to z, never to the bank.
         """
-        self._check_query(z)
+        if not torch.is_tensor(z) or z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"z must be a tensor [B, d] with d = {self.dim}, got {z!r:.80}")
         return z.to(self.vectors.dtype) @ self.vectors.T
 
     def topk(self, z, k):
@@ -110,13 +111,6 @@ class MemoryBank:
         if isinstance(k, bool) or int(k) != k or not (1 <= k <= self.size):
             raise ValueError(f"k must be an integer in [1, N] = [1, {self.size}], got {k!r}")
         return torch.topk(self.similarities(z), int(k), dim=1, largest=True, sorted=True)
-
-    def _check_query(self, z):
-        if not torch.is_tensor(z) or z.dim() != 2 or z.shape[1] != self.dim:
-            raise ValueError(
-                f"z must be a tensor [B, d] with d = {self.dim}, got "
-                f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}"
-            )
 
     # ------------------------------------------------------------------
     # Checkpointing and devices.
@@ -143,10 +137,8 @@ class MemoryBank:
                 f"state is missing keys {sorted(missing)}; expected a MemoryBank.state_dict()"
             )
         vectors = state["vectors"]
-        if (state["size"], state["dim"]) != (self.size, self.dim) or tuple(vectors.shape) != (
-            self.size,
-            self.dim,
-        ):
+        shape = (self.size, self.dim)
+        if (state["size"], state["dim"]) != shape or tuple(vectors.shape) != shape:
             raise ValueError(
                 f"state holds a bank of shape {tuple(vectors.shape)} "
                 f"(size={state['size']}, dim={state['dim']}), "
