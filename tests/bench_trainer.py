@@ -1,4 +1,4 @@
-"""What one training view and one training step of imagenet_train.py cost (App. D's IR setting).
+"""What one training view and one training step of imagenet_train.py cost (App. D's settings).
 
     python tests/bench_trainer.py                    # both parts, tiny step sizes: under a minute
     python tests/bench_trainer.py --part pipeline    # the data pipeline only, per CPU core
@@ -12,8 +12,8 @@ ImageNet's mean file size).  One thread (one DataLoader worker = one core).  Eac
 stage by stage over the same sequence of random views; a stage's figure is its mean per view in the
 best of --rounds rounds (other processes on the machine only ever add time).  The paths:
 
-  pil          today's trainer: PIL decode, PIL transforms, ToTensor + Normalize (float32 out)
-  pil-uint8    the same, PILToTensor (uint8 out; normalization moves to the GPU)
+  pil          PIL decode, PIL transforms, ToTensor + Normalize (float32 out: the old trainer)
+  pil-uint8    the same, PILToTensor (uint8 out, normalized on the device: the trainer now)
   v2           torchvision.io.decode_jpeg and transforms.v2 on uint8 tensors
   mixed        decode_jpeg, v2's crop on the tensor, then PIL for grayscale, jitter and flip
 
@@ -25,9 +25,11 @@ PIL's draft mode (decode at 1/2, 1/4, 1/8 in the DCT) keeps the distribution of 
 crop is drawn on the full-size image and the reduced crop box still has >= --image-size pixels on
 each side (then the resize still only shrinks).  The benchmark prints how often that happens.
 
-Part 2, the step: IR (Eq. 6 over the whole bank, Eq. 7 update) on a synthetic uint8 batch,
-normalized on the device, channels_last; on CUDA with cudnn.benchmark and bf16 autocast.  It prints
-images/s and, on CUDA, the peak memory.
+Part 2, the step: the trainer's own build_step_state, to_device_input and train_step (IR and LA by
+default: the loss against the bank, SGD, Eq. 7) on a synthetic pinned uint8 batch, as the loader
+hands it over; channels_last, cudnn.benchmark and autocast on CUDA.  It prints images/s, the peak
+GPU memory, and for LA one k-means with App. D's per-epoch k-means extrapolated from it.
+tests/cuda_check.py runs this part on a GPU and holds IR to a floor.
 """
 
 import argparse
