@@ -1,0 +1,488 @@
+"""Baselines and step rates for Figure 2 in miniature on Fashion-MNIST (issue 17).
+
+Figure 2 of the paper compares views (panel b), losses (a) and the bank's update rate alpha (c)
+by the weighted kNN of Wu et al. (2018) on learned features.  Before a miniature of it means
+anything, two questions need numbers on the same data split and the same kNN protocol:
+
+  * What does a representation have to beat?  (a) the raw pixels, (b) a randomly initialized
+    ResNet-18 of the trainer's shape (ImageNet stem), (c) the same with the small-image stem
+    (3x3 stride-1 first convolution, no max-pool), and (d) a supervised ceiling.
+  * What does a training step cost on one CPU thread?  (--throughput: ResNet-18, IR loss of
+    Eq. 6 against a memory bank of Eq. 7, for each image size, stem and batch size.)
+
+The protocol of every row: features L2-normalized, the n_test queries vote with their k nearest
+memory rows (cosine), each neighbour with weight exp(cos / tau) (k = 200, tau = 0.07, as the
+trainer's monitor); 1-NN is printed beside it.  Memory: a class-balanced subset of the 60,000
+training images; queries: a class-balanced subset of the 10,000 test images; both seeded.
+Labels are only used for this evaluation (and to train the supervised ceiling).
+
+Data: the four IDX files of the Debian package dataset-fashion-mnist, read through
+torchvision.datasets.FashionMNIST (never downloaded here).  Run from the repository root:
+
+    python tests/miniature_baselines.py                 # the baseline table
+    python tests/miniature_baselines.py --throughput    # the step-rate table
+"""
+
+import argparse
+import gzip
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # for instance_disc / memory_bank (--throughput)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# The data.
+# ----------------------------------------------------------------------------------------------
+def fashion_mnist(source_dir, cache_dir, train):
+    """Fashion-MNIST's training (train=True, 60,000) or test (10,000) split as a torchvision
+    dataset: .data uint8 [N, 28, 28], .targets int64 [N], PIL images through [i].
+
+    source_dir holds the four .gz IDX files (apt-get install dataset-fashion-mnist puts them in
+    /usr/share/datasets/fashion-mnist/).  torchvision reads them uncompressed from
+    cache_dir/FashionMNIST/raw/, so they are decompressed there once.  Nothing is downloaded.
+    Raises FileNotFoundError (a one-line message) when a file is missing.
+    """
+    names = [
+        f"{s}-{k}-idx{d}-ubyte"
+        for s in ("train", "t10k")
+        for k, d in (("images", 3), ("labels", 1))
+    ]
+    raw = os.path.join(cache_dir, "FashionMNIST", "raw")
+    todo = [n for n in names if not os.path.isfile(os.path.join(raw, n))]
+    missing = [n + ".gz" for n in todo if not os.path.isfile(os.path.join(source_dir, n + ".gz"))]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST: {', '.join(missing)} not in {source_dir}; get the files with "
+            f"`apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_DIR}), or with "
+            f"torchvision.datasets.FashionMNIST(ROOT, download=True) and --cache ROOT"
+        )
+    os.makedirs(raw, exist_ok=True)
+    for name in todo:  # write to a temporary name first: an interrupted copy is never read
+        with (
+            gzip.open(os.path.join(source_dir, name + ".gz")) as f,
+            open(os.path.join(raw, name + ".part"), "wb") as g,
+        ):
+            shutil.copyfileobj(f, g)
+        os.replace(os.path.join(raw, name + ".part"), os.path.join(raw, name))
+    return torchvision.datasets.FashionMNIST(cache_dir, train=train, download=False)
+
+
+def balanced_subset(labels, n, num_classes, generator):
+    """n indices, n / num_classes of each class, drawn without replacement; sorted."""
+    per = n // num_classes
+    picks = []
+    for c in range(num_classes):
+        rows = (labels == c).nonzero().flatten()
+        if len(rows) < per:
+            raise ValueError(f"class {c} has {len(rows)} images, fewer than {per}")
+        picks.append(rows[torch.randperm(len(rows), generator=generator)[:per]])
+    return torch.cat(picks).sort().values
+
+
+# ----------------------------------------------------------------------------------------------
+# The kNN protocol (Wu et al. 2018), the same for every row of the table.
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def weighted_knn(query, memory, memory_labels, num_classes, k=200, tau=0.07, chunk=1024):
+    """Weighted kNN: the k memory rows with the highest cosine to a query vote for their class
+    with weight exp(cos / tau); also 1-NN.  query [Q, d], memory [N, d], labels [N] ->
+    (weighted predictions [Q], 1-NN predictions [Q]).  Rows are L2-normalized here."""
+    if query.dim() != 2 or memory.dim() != 2 or query.shape[1] != memory.shape[1]:
+        raise ValueError(f"query [Q, d] and memory [N, d], got {query.shape}, {memory.shape}")
+    if not 1 <= k <= len(memory):
+        raise ValueError(f"k must be in [1, N] = [1, {len(memory)}], got {k}")
+    memory = F.normalize(memory.float(), dim=1)
+    weighted, nearest = [], []
+    for q in F.normalize(query.float(), dim=1).split(chunk):
+        sims, nbrs = (q @ memory.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes).scatter_add_(
+            1, memory_labels[nbrs], (sims / tau).exp()
+        )
+        weighted.append(votes.argmax(dim=1))
+        nearest.append(memory_labels[nbrs[:, 0]])
+    return torch.cat(weighted), torch.cat(nearest)
+
+
+# ----------------------------------------------------------------------------------------------
+# The networks: the trainer's ResNet-18 with 128 outputs, either stem.
+# ----------------------------------------------------------------------------------------------
+def resnet18(stem, dim=128):
+    """torchvision's ResNet-18 with `dim` outputs; stem "small": 3x3 stride-1 conv1, no max-pool
+    (a 32-px image stays 32x32 through layer1), as CIFAR instance-discrimination models use."""
+    net = torchvision.models.resnet18(num_classes=dim)
+    if stem == "small":
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    return net
+
+
+def pooled(net, x):
+    """The 512-d globally pooled layer4 features (the input of net.fc)."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return torch.flatten(net.avgpool(net.layer4(net.layer3(net.layer2(net.layer1(x))))), 1)
+
+
+def to_network_input(images, image_size, center_crop):
+    """uint8 [N, 28, 28] -> float [N, 3, S, S]: the gray channel three times, resized to S
+    (bilinear), ImageNet-normalized.  center_crop: the trainer's evaluation view, resize to
+    round(S * 256 / 224) then the central S x S (it cuts ~1/8 of the border); else resize to S."""
+    x = images.unsqueeze(1).float().div(255)
+    if center_crop:
+        x = TF.center_crop(TF.resize(x, round(image_size * 256 / 224), antialias=True), image_size)
+    elif image_size != x.shape[-1]:
+        x = TF.resize(x, [image_size, image_size], antialias=True)
+    x = x.expand(-1, 3, -1, -1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode(net, x, batch, label):
+    """(128-d outputs, 512-d pooled features) of x in eval mode, with a progress line."""
+    net.eval()
+    outs, feats, t0 = [], [], time.time()
+    for i, xb in enumerate(x.split(batch)):
+        f = pooled(net, xb)
+        feats.append(f)
+        outs.append(net.fc(f))
+        done = min((i + 1) * batch, len(x))
+        rate = done / (time.time() - t0)
+        print(
+            f"\r  {label}: {done}/{len(x)} images, {rate:.0f} img/s, "
+            f"{(len(x) - done) / rate:.0f} s left   ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(file=sys.stderr)
+    return torch.cat(outs), torch.cat(feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised ceilings.
+# ----------------------------------------------------------------------------------------------
+def linear_probe(train_x, train_y, test_x, num_classes, iters=100, weight_decay=1e-4):
+    """Softmax regression on per-pixel standardized inputs, full-batch L-BFGS: test predictions."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    layer = nn.Linear(train_x.shape[1], num_classes)
+    opt = torch.optim.LBFGS(layer.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(train_x), train_y) + weight_decay * layer.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return layer(test_x).argmax(dim=1)
+
+
+def train_supervised(net, x, y, epochs, batch, lr, generator):
+    """Cross-entropy training of net (its fc replaced by a 10-way head), SGD with momentum and a
+    cosine schedule, random horizontal flips; returns the head.  Prints a line per epoch."""
+    head = nn.Linear(512, 10)
+    params = list(net.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * (len(x) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+    t0, step = time.time(), 0
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(len(x), generator=generator)
+        for rows in order[: len(x) // batch * batch].split(batch):
+            xb = x[rows]
+            flip = torch.rand(len(rows), generator=generator) < 0.5
+            xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
+            loss = F.cross_entropy(head(pooled(net, xb)), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+        rate = step * batch / (time.time() - t0)
+        left = (steps - step) * batch / rate
+        print(
+            f"  supervised epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, "
+            f"{rate:.0f} img/s, {left:.0f} s left",
+            file=sys.stderr,
+            flush=True,
+        )
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
+# The table.
+# ----------------------------------------------------------------------------------------------
+def baselines(args):
+    train = fashion_mnist(args.source, args.cache, train=True)
+    test = fashion_mnist(args.source, args.cache, train=False)
+    g = torch.Generator().manual_seed(args.seed)
+    tr = balanced_subset(train.targets, args.n_train, 10, g)
+    te = balanced_subset(test.targets, args.n_test, 10, g)
+    train_img, train_y = train.data[tr], train.targets[tr]
+    test_img, test_y = test.data[te], test.targets[te]
+    print(
+        f"Fashion-MNIST: memory {len(tr)} training images, queries {len(te)} test images "
+        f"(class-balanced, seed {args.seed}); weighted {args.knn_k}-NN, tau {args.knn_tau}"
+    )
+    rows = []
+
+    def knn_row(name, train_f, test_f, seconds):
+        w, n1 = weighted_knn(test_f, train_f, train_y, 10, args.knn_k, args.knn_tau)
+        acc = [(p == test_y).float().mean().item() * 100 for p in (w, n1)]
+        rows.append((name, train_f.shape[1], f"{acc[0]:.1f}", f"{acc[1]:.1f}", "", seconds))
+        print(f"  {name}: {acc[0]:.1f}% ({time.time() - t0 + seconds:.0f} s)", file=sys.stderr)
+
+    t0 = time.time()  # (a) raw pixels
+    knn_row("raw pixels", train_img.flatten(1).float(), test_img.flatten(1).float(), 0)
+    rows[-1] = rows[-1][:5] + (time.time() - t0,)
+
+    x_train, x_test = (
+        to_network_input(i, args.image_size, not args.plain_resize) for i in (train_img, test_img)
+    )
+    for stem in args.stems:  # (b), (c) a random network of the trainer's shape
+        torch.manual_seed(args.seed)
+        net, t0 = resnet18(stem), time.time()
+        z_train, f_train = encode(net, x_train, 256, f"random {stem} stem, memory")
+        z_test, f_test = encode(net, x_test, 256, f"random {stem} stem, queries")
+        seconds = time.time() - t0
+        knn_row(f"random ResNet-18, {stem} stem, output", z_train, z_test, seconds)
+        knn_row(f"random ResNet-18, {stem} stem, pooled", f_train, f_test, seconds)
+
+    t0 = time.time()  # (d) supervised: a linear probe on the pixels
+    pred = linear_probe(train_img.flatten(1).float(), train_y, test_img.flatten(1).float(), 10)
+    acc = (pred == test_y).float().mean().item() * 100
+    rows.append(("linear probe on raw pixels", 784, "", "", f"{acc:.1f}", time.time() - t0))
+
+    if args.sup_epochs:  # (d) supervised ResNet-18, ImageNet stem: kNN on its pooled features
+        torch.manual_seed(args.seed)
+        net, t0 = resnet18("imagenet"), time.time()
+        head = train_supervised(net, x_train, train_y, args.sup_epochs, 128, 0.1, g)
+        _, f_train = encode(net, x_train, 256, "supervised, memory")
+        _, f_test = encode(net, x_test, 256, "supervised, queries")
+        acc = (head(f_test).argmax(dim=1) == test_y).float().mean().item() * 100
+        knn_row(f"supervised ResNet-18 ({args.sup_epochs} ep), pooled", f_train, f_test, 0)
+        rows[-1] = rows[-1][:4] + (f"{acc:.1f}", time.time() - t0)
+
+    print_table(
+        ["feature", "dim", f"w{args.knn_k}-NN %", "1-NN %", "probe/head %", "seconds"],
+        [r[:5] + (f"{r[5]:.0f}",) for r in rows],
+    )
+    print(
+        f"Network input: {args.image_size} px, "
+        f"{'plain resize' if args.plain_resize else 'the trainer eval view (resize, center crop)'}"
+        f"; seconds are 1-thread CPU time including encoding both sets."
+    )
+
+
+def print_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Step rates: forward + backward + SGD + Eq. 7 update, one thread.
+# ----------------------------------------------------------------------------------------------
+def throughput(args):
+    from instance_disc import ir_loss  # noqa: E402 (the repository's Eq. 6)
+    from memory_bank import MemoryBank  # noqa: E402 (the repository's Eq. 7)
+
+    rows = []
+    for size in args.sizes:
+        for stem in args.stems:
+            for batch in args.batches:
+                torch.manual_seed(0)
+                net = resnet18(stem).train()
+                bank = MemoryBank(args.n_train, 128, seed=0)
+                opt = torch.optim.SGD(net.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+                x = torch.randn(batch, 3, size, size)
+                idx = torch.randperm(args.n_train)[:batch]
+                times = []
+                for _ in range(args.steps + 1):  # the first step warms up, untimed
+                    t0 = time.perf_counter()
+                    z = F.normalize(net(x), dim=1)
+                    loss = ir_loss(z, bank.vectors, idx, 0.07)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    bank.update(idx, z.detach(), 0.5)
+                    times.append(time.perf_counter() - t0)
+                with torch.no_grad():  # evaluation: forward only, eval mode
+                    net.eval()
+                    t0 = time.perf_counter()
+                    net(x)
+                    fwd = batch / (time.perf_counter() - t0)
+                step = sorted(times[1:])[len(times[1:]) // 2]  # the median step
+                rows.append((size, stem, batch, f"{batch / step:.0f}", f"{step:.2f}", f"{fwd:.0f}"))
+                print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    print_table(["size", "stem", "batch", "train img/s", "s/step", "eval img/s"], rows)
+    print(
+        f"ResNet-18 (128-d), IR over a {args.n_train}-row bank, SGD; median of {args.steps} "
+        f"steps after one warm-up; {torch.get_num_threads()} thread(s); no data loading."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line.
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Figure 2 in miniature (issue 17): kNN baselines on Fashion-MNIST (raw pixels,"
+        " random ResNet-18 with either stem, supervised ceilings), or ResNet-18 step rates "
+        "(--throughput). Every kNN row: L2-normalized features, weighted k-NN (Wu et al. 2018).",
+    )
+    p.add_argument(
+        "--source",
+        default=FASHION_MNIST_DIR,
+        help="folder with the four .gz IDX files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache",
+        default=os.path.expanduser("~/.cache/fashion-mnist"),
+        help="torchvision root: the files are decompressed into CACHE/FashionMNIST/raw/"
+        " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=10000,
+        help="kNN memory: a class-balanced subset of the 60,000 training images, a "
+        "multiple of 10 in [10, 60000] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=2000,
+        help="queries: a class-balanced subset of the 10,000 test images, a multiple "
+        "of 10 in [10, 10000] (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="subsets and network initialization")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="network input size S in [16, 224] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plain-resize",
+        action="store_true",
+        help="resize the 28-px image to S; default: the trainer's evaluation view "
+        "(resize to S*256/224, center crop S)",
+    )
+    p.add_argument(
+        "--stems",
+        nargs="+",
+        default=["imagenet", "small"],
+        choices=["imagenet", "small"],
+        help="ResNet-18 stems: imagenet (7x7 stride-2 conv, max-pool) and/or small "
+        "(3x3 stride-1 conv, no max-pool)",
+    )
+    p.add_argument(
+        "--knn-k",
+        type=int,
+        default=None,
+        help="k of the weighted kNN, in [1, n-train] (default: 200, or n-train if less)",
+    )
+    p.add_argument(
+        "--knn-tau",
+        type=float,
+        default=0.07,
+        help="temperature tau > 0 of the kNN weights exp(cos / tau) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sup-epochs",
+        type=int,
+        default=0,
+        help="the supervised ceiling: train ResNet-18 (ImageNet stem) on the memory "
+        "subset for this many epochs, then kNN on its pooled features; 0 skips it "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (default: 1)")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="instead of the table: images/s of a training step (IR loss, Eq. 6; "
+        "bank update, Eq. 7) for every --sizes x --stems x --batches",
+    )
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[28, 32],
+        help="--throughput image sizes, each in [16, 224] (default: 28 32)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[128, 256],
+        help="--throughput batch sizes, each >= 1 (default: 128 256)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="--throughput timed steps per setting, >= 1 (default: %(default)s)",
+    )
+    a = p.parse_args(argv)
+    if a.knn_k is None and a.n_train % 10 == 0 and 10 <= a.n_train:  # default adapts, says so
+        a.knn_k = min(200, a.n_train)
+        if a.knn_k < 200:
+            print(f"--knn-k: 200 > --n-train, using k = {a.knn_k}", file=sys.stderr)
+    checks = [
+        (
+            a.n_train % 10 == 0 and 10 <= a.n_train <= 60000,
+            "--n-train",
+            "a multiple of 10 in [10, 60000]",
+        ),
+        (
+            a.n_test % 10 == 0 and 10 <= a.n_test <= 10000,
+            "--n-test",
+            "a multiple of 10 in [10, 10000]",
+        ),
+        (16 <= a.image_size <= 224, "--image-size", "in [16, 224]"),
+        (1 <= a.knn_k <= a.n_train, "--knn-k", f"in [1, --n-train] = [1, {a.n_train}]"),
+        (a.knn_tau > 0 and math.isfinite(a.knn_tau), "--knn-tau", "> 0"),
+        (a.sup_epochs >= 0, "--sup-epochs", ">= 0"),
+        (a.threads >= 1, "--threads", ">= 1"),
+        (all(16 <= s <= 224 for s in a.sizes), "--sizes", "each in [16, 224]"),
+        (all(b >= 1 for b in a.batches), "--batches", "each >= 1"),
+        (a.steps >= 1, "--steps", ">= 1"),
+    ]
+    for ok, flag, allowed in checks:
+        if not ok:
+            got = getattr(a, flag[2:].replace("-", "_"))
+            p.exit(2, f"{p.prog}: error: {flag} must be {allowed}, got {got}\n")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.throughput:
+        return throughput(args)
+    try:
+        baselines(args)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
