@@ -441,10 +441,6 @@ def parse_args(argv=None):
         help="--throughput timed steps per setting, >= 1 (default: %(default)s)",
     )
     a = p.parse_args(argv)
-    if a.knn_k is None and a.n_train % 10 == 0 and 10 <= a.n_train:  # default adapts, says so
-        a.knn_k = min(200, a.n_train)
-        if a.knn_k < 200:
-            print(f"--knn-k: 200 > --n-train, using k = {a.knn_k}", file=sys.stderr)
     checks = [
         (
             a.n_train % 10 == 0 and 10 <= a.n_train <= 60000,
@@ -457,7 +453,11 @@ def parse_args(argv=None):
             "a multiple of 10 in [10, 10000]",
         ),
         (16 <= a.image_size <= 224, "--image-size", "in [16, 224]"),
-        (1 <= a.knn_k <= a.n_train, "--knn-k", f"in [1, --n-train] = [1, {a.n_train}]"),
+        (
+            a.knn_k is None or 1 <= a.knn_k <= a.n_train,
+            "--knn-k",
+            f"in [1, --n-train] = [1, {a.n_train}]",
+        ),
         (a.knn_tau > 0 and math.isfinite(a.knn_tau), "--knn-tau", "> 0"),
         (a.sup_epochs >= 0, "--sup-epochs", ">= 0"),
         (a.threads >= 1, "--threads", ">= 1"),
@@ -469,6 +469,10 @@ def parse_args(argv=None):
         if not ok:
             got = getattr(a, flag[2:].replace("-", "_"))
             p.exit(2, f"{p.prog}: error: {flag} must be {allowed}, got {got}\n")
+    if a.knn_k is None:  # default adapts, says so
+        a.knn_k = min(200, a.n_train)
+        if a.knn_k < 200:
+            print(f"--knn-k: 200 > --n-train, using k = {a.knn_k}", file=sys.stderr)
     return a
 
 
