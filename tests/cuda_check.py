@@ -24,6 +24,8 @@ benchmark each run in fresh processes, so a CUDA error in one cannot poison the 
   resume             SIGTERM in epoch 2, then --resume, against an uninterrupted run, both with
                      --deterministic (CUBLAS_WORKSPACE_CONFIG=:4096:8 on CUDA): identical weights
                      and bank
+  resume fp16        a bf16 run resumed with --precision fp16 (its empty GradScaler state): one more
+                     epoch, with a GradScaler that ran (CUDA)
   torchrun           torchrun --nproc_per_node 1: LA's warm-up epoch, then an LA epoch
   ddp                torchrun --nproc_per_node 2 over NCCL (>= 2 GPUs; gloo on the CPU): after steps
                      on different data the ranks hold identical banks and weights, every rank's rows
@@ -50,6 +52,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -485,6 +488,28 @@ def check_resume(size, device, work, log):
     )
 
 
+def check_resume_fp16(size, device, data, work, log):
+    """Issue 16 item 5: a bf16 run (its GradScaler disabled, saved empty) resumed with --precision
+    fp16, as `auto` would on a GPU without bf16: one more epoch, with a working GradScaler."""
+    if device.type != "cuda":
+        raise NotApplicable("fp16 is for CUDA")
+    src, out = os.path.join(work, "train_ir_bf16"), os.path.join(work, "resume_fp16")
+    if not os.path.exists(os.path.join(src, "ckpt.pt")):
+        return False, dict(error="needs the checkpoint of 'train ir bf16', which did not finish")
+    shutil.copytree(src, out)
+    epochs = size["epochs"] + 1
+    argv = train_argv(data, out, "ir", size, device, "fp16", epochs, size["train_batch"],
+                      size["workers"]) + ["--resume"]  # fmt: skip
+    status, output = run_process(trainer(argv), device, log)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu") if status == 0 else {}
+    ok = (status == 0 and ckpt["epoch"] == epochs and bool(ckpt["scaler"])
+          and all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values()
+                  if v.is_floating_point()))  # fmt: skip
+    return ok, dict(returncode=status, epoch=ckpt.get("epoch"),
+                    grad_scale=ckpt["scaler"].get("scale") if ckpt.get("scaler") else None,
+                    output_tail=None if ok else output[-1500:])  # fmt: skip
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -793,6 +818,7 @@ def main(argv=None):
                     log,
                 )
         report("resume", check_resume, size, device, work, log)
+        report("resume fp16", check_resume_fp16, size, device, data, work, log)
         report("torchrun", check_torchrun, size, device, data, work, log)
         report("ddp", check_ddp, size, device, work, log)
         report("benchmark", check_benchmark, size, device, log)

@@ -49,6 +49,7 @@ def test_cpu_mode_runs_every_check_and_reports_json_lines(tmp_path):
         + [f"no_sync train_step {a}" for a in algos]
         + [f"train {a} {p}" for p in ("bf16", "fp16") for a in algos]
         + ["train ball fp32", "train ann fp32"]  # the CPU mode's time limit
+        + ["resume fp16"]
     )
     assert {c: status.get(c) for c in expected_pass} == {c: "pass" for c in expected_pass}
     assert {c: status.get(c) for c in not_applicable} == {c: "n/a" for c in not_applicable}
