@@ -12,8 +12,9 @@
    docstring, comment or blank line) and in total lines, no line over 100
    characters, and nothing in it that points back into this repository.
 
-2. No host synchronization off the CPU.  The checks that read values (unit
-   norms, index ranges) run for CPU tensors only; every other line must work
+2. No host synchronization off the CPU.  The losses check shapes and arguments
+   only, and MemoryBank.update reads values (unit norms, index ranges) on the
+   CPU only (the indices stay there); every other line must work
    without reading a tensor's values on the host, which on a GPU would stall
    the host until the device catches up (.item(), .tolist(), bool(tensor),
    nonzero, boolean masks).  No GPU is needed to check that: on the meta

@@ -393,10 +393,9 @@ def test_corollary_5_4_1_which_inequality_holds(data):
 
 
 def test_cluster_ids_of_any_integer_dtype_and_size(data):
-    """la_loss gathers the ids as int32 when they fit.  int32 or int16 labels
-    give the same loss as int64 ones, and ids that do NOT fit int32 must not
-    wrap: adding 2^32 to the ids of odd-numbered entries splits every cluster
-    in two, which a blind int32 cast would silently undo."""
+    """int32 or int16 labels give the same loss as int64 ones, and ids that do
+    NOT fit int32 must not wrap: adding 2^32 to the ids of odd-numbered entries
+    splits every cluster in two, which a blind int32 cast would silently undo."""
     bank, _, labels, z, idx = data
     expected = la_loss(z, bank, idx, labels, k_background=60, reduction="none")
     for dtype in (torch.int32, torch.int16):
