@@ -552,8 +552,10 @@ def check_torchrun(size, device, data, work, log):
 
 def ddp_worker(out_path, device_flag):
     """One rank of the ddp check (started by torchrun through --ddp-worker).  IR then LA, each a few
-    steps of the trainer's own train_step on this rank's own images and rows; on CUDA the steps
-    after the first two run under set_sync_debug_mode("error").  Rank 0 writes the result."""
+    steps of the trainer's own train_step on this rank's own images and rows; in the last step the
+    last rank marks two rows as DistributedSampler padding (-1), which no rank may write.  On CUDA
+    the steps after the first two run under set_sync_debug_mode("error").  Rank 0 writes the
+    result."""
     ddp, rank, _, world, device = it.setup_distributed(device_flag, timeout_min=3.0)
     size, cuda = SIZES[device.type], device.type == "cuda"
     result = {}
@@ -582,6 +584,7 @@ def ddp_worker(out_path, device_flag):
         order = torch.randperm(size["rows"], generator=shared)[: steps * world * b].view(
             steps, world, b
         )
+        padding = order[-1, -1, -2:]  # rows the last rank's last batch marks -1
         own = torch.Generator().manual_seed(100 + rank)  # this rank's images
         shape = (b, 3, size["image_size"], size["image_size"])
         sync_error = None
@@ -593,7 +596,12 @@ def ddp_worker(out_path, device_flag):
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                it.train_step(run, it.to_device_input(images, device, run.mem_fmt), order[k, rank])
+                idx = order[k, rank]
+                bank_idx = idx.clone()
+                if k == steps - 1 and rank == world - 1:
+                    bank_idx[-2:] = -1
+                x = it.to_device_input(images, device, run.mem_fmt)
+                it.train_step(run, x, idx, bank_idx)
             except RuntimeError as err:
                 if not watch:
                     raise
@@ -612,10 +620,11 @@ def ddp_worker(out_path, device_flag):
             )
         start = MemoryBank(size["rows"], args.dim, seed=args.seed).vectors
         moved = (run.bank.vectors.cpu() - start).abs().amax(dim=1) > 0
-        # Eq. 7 wrote exactly the rows of every rank's batches, on every rank
-        row["rows_written_are_all_ranks_rows"] = bool(
-            moved[order.flatten()].all() and moved.sum() == order.numel()
-        )
+        # Eq. 7 wrote exactly the rows of every rank's batches, padding left out, on every rank
+        written = torch.zeros_like(moved)
+        written[order.flatten()] = True
+        written[padding] = False
+        row["rows_written_are_all_ranks_rows"] = bool((moved == written).all())
         row["sync_error"] = sync_error
         result[algo] = row
     if rank == 0:
