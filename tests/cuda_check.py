@@ -719,6 +719,7 @@ def check_environment(device):
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             bf16=torch.cuda.is_bf16_supported(),
             cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
         )
     return True, info
 
