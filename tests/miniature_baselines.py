@@ -246,10 +246,15 @@ def baselines(args):
         w, n1 = weighted_knn(test_f, train_f, train_y, 10, args.knn_k, args.knn_tau)
         acc = [(p == test_y).float().mean().item() * 100 for p in (w, n1)]
         rows.append((name, train_f.shape[1], f"{acc[0]:.1f}", f"{acc[1]:.1f}", "", seconds))
-        print(f"  {name}: {acc[0]:.1f}% ({time.time() - t0 + seconds:.0f} s)", file=sys.stderr)
+        print(f"  {name}: {acc[0]:.1f}%", file=sys.stderr)
 
     t0 = time.time()  # (a) raw pixels
     knn_row("raw pixels", train_img.flatten(1).float(), test_img.flatten(1).float(), 0)
+    rows[-1] = rows[-1][:5] + (time.time() - t0,)
+    t0 = time.time()  # (a') the pixels standardized per pixel (training-subset mean and std)
+    pixels = train_img.flatten(1).float()
+    mean, std = pixels.mean(0), pixels.std(0) + 1e-6
+    knn_row("standardized pixels", (pixels - mean) / std, (test_img.flatten(1) - mean) / std, 0)
     rows[-1] = rows[-1][:5] + (time.time() - t0,)
 
     x_train, x_test = (
