@@ -337,10 +337,31 @@ def throughput(args):
                 rows.append((size, stem, batch, f"{batch / step:.0f}", f"{step:.2f}", f"{fwd:.0f}"))
                 print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     print_table(["size", "stem", "batch", "train img/s", "s/step", "eval img/s"], rows)
+    for size in args.sizes:
+        print(f"views: {augment_rate(size):.0f} img/s, Sec. 5.3 view set, 28-px PIL -> {size} px")
     print(
         f"ResNet-18 (128-d), IR over a {args.n_train}-row bank, SGD; median of {args.steps} "
         f"steps after one warm-up; {torch.get_num_threads()} thread(s); no data loading."
     )
+
+
+def augment_rate(size, n=2000):
+    """Images/s of the IR/LA view set (Sec. 5.3, App. D) on 28-px RGB PIL images, one thread:
+    random resized crop (scale 0.2-1), grayscale (p 0.2), color jitter 0.4, flip, to a tensor."""
+    from PIL import Image
+    from torchvision import transforms
+
+    views = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0)), transforms.RandomGrayscale(0.2),
+        transforms.ColorJitter(0.4, 0.4, 0.4, 0.4), transforms.RandomHorizontalFlip(),
+        transforms.PILToTensor()])  # fmt: skip
+    image = Image.fromarray(torch.randint(0, 256, (28, 28), dtype=torch.uint8).numpy()).convert(
+        "RGB"
+    )
+    t0 = time.perf_counter()
+    for _ in range(n):
+        views(image)
+    return n / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
