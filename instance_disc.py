@@ -76,14 +76,14 @@ def ir_nce_loss(z, bank, idx, tau=0.07, num_negatives=4096, generator=None):
     return F.cross_entropy(scores, torch.zeros_like(idx))
 
 
-def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", include_positive=True):
+def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", add_positive=True):
     """BALL, Definition 5.2: -log p(i | x, M) / p(B_i | x, M).
 
     B_i: the k_background rows nearest to z (neighbours_of="z", as the Local Aggregation code does)
     or to M[i] ("bank", the paper's wording; one more [B, N] product).
     loss = logsumexp_{k in D_i} s_k - s_i (Corollary 5.3.1), s_k = z^T M[k] / tau, over
-      include_positive=True:  D_i = B_i plus i where B_i misses it (VINCE's form: loss >= 0);
-      include_positive=False: D_i = B_i, the literal definition (unbounded below if i misses B_i).
+      add_positive=True:  D_i = B_i plus i where B_i misses it (VINCE's form: loss >= 0);
+      add_positive=False: D_i = B_i, the literal definition (unbounded below if i misses B_i).
     With k_background = N this is IR (Eq. 6).
 
     To copy: ball_loss, _check, BackgroundLogits
@@ -94,20 +94,13 @@ def ball_loss(z, bank, idx, tau=0.07, k_background=4096, neighbours_of="z", incl
         background, b_i = BackgroundLogits.apply(q, bank, idx, k_background, neighbours_of)
     positive = (q * bank[idx]).sum(dim=1)  # [B]: s_i
     # i counted once: its term is added where B_i misses it (logaddexp(a, -inf) = a)
-    add_i = include_positive & ~(b_i == idx[:, None]).any(dim=1)
+    add_i = add_positive & ~(b_i == idx[:, None]).any(dim=1)
     log_b = background.logsumexp(dim=1).logaddexp(positive.masked_fill(~add_i, -math.inf))
     return (log_b - positive).mean()  # log p(B_i | x, M) - log p(i | x, M)
 
 
 def ann_loss(
-    z,
-    bank,
-    idx,
-    tau=0.07,
-    k_background=4096,
-    k_close=None,
-    neighbours_of="z",
-    include_positive=True,
+    z, bank, idx, tau=0.07, k_background=4096, k_close=None, neighbours_of="z", add_positive=True
 ):
     """ANN, Definition 5.3: -log p(i | x, M) / p(B_i \\ C_i | x, M).
 
@@ -116,7 +109,7 @@ def ann_loss(
       k_close int: the k_close members of B_i nearest to B_i's anchor, so B_i \\ C_i holds the
         ranks k_close+1 .. k_background (default None: k_background // 10);
       k_close LongTensor [B, c]: C_i itself, bank rows per image, padded with -1.
-    include_positive=True: i is counted once in the denominator, inside C_i or not (the paper
+    add_positive=True: i is counted once in the denominator, inside C_i or not (the paper
     does not say whether i belongs to C_i); False: exactly B_i \\ C_i (empty: loss -inf).
 
     To copy: ann_loss, _check, BackgroundLogits
@@ -136,11 +129,11 @@ def ann_loss(
                 near = background if neighbours_of == "z" else (bank[idx] @ bank.T).gather(1, b_i)
                 close = torch.zeros_like(b_i, dtype=torch.bool)
                 close.scatter_(1, near.topk(k_close, dim=1, sorted=False)[1], True)
-            close |= (b_i == idx[:, None]) & include_positive  # i leaves; added once below
+            close |= (b_i == idx[:, None]) & add_positive  # i leaves; added once below
     positive = (q * bank[idx]).sum(dim=1)  # [B]: s_i
-    # log p(D_i | x, M) + log Z, D_i = B_i \ C_i with i counted once (include_positive) or not
+    # log p(D_i | x, M) + log Z, D_i = B_i \ C_i with i counted once (add_positive) or not
     log_annulus = background.masked_fill(close, -math.inf).logsumexp(dim=1)
-    log_d = log_annulus.logaddexp(positive) if include_positive else log_annulus
+    log_d = log_annulus.logaddexp(positive) if add_positive else log_annulus
     return (log_d - positive).mean()
 
 

@@ -20,7 +20,7 @@ The published LA code (TensorFlow, and its PyTorch port) computes the same ratio
 p(j | x) = exp(z . M[j] / tau) / Z for a fixed constant Z; Z cancels in Eq. 8.  la_loss sums
 probabilities normalized over B_i (exp of logits minus their logsumexp, never above 1) and takes
 -log(ratio), not -log(ratio + 1e-7): a difference of at most 1e-7 / ratio.
-The one real difference is `include_positive`, which matters only when i is not among the
+The one real difference is `add_positive`, which matters only when i is not among the
 k_background rows nearest to z.  (The TF code starts every clustering as labels = arange(N), i.e.
 C_i = {i}: until its first k-means, LA trains as BALL, as Theorem 5.4 says.)
 """
@@ -49,15 +49,7 @@ from instance_disc import (
 # Eq. 8: the Local Aggregation loss.
 # ----------------------------------------------------------------------------------------------
 def la_loss(
-    z,
-    bank,
-    idx,
-    cluster_labels,
-    tau=0.07,
-    k_background=4096,
-    neighbours_of="z",
-    include_positive=True,
-    reduction="mean",
+    z, bank, idx, cluster_labels, tau=0.07, k_background=4096, neighbours_of="z", add_positive=True
 ):
     """Local Aggregation, Eq. 8: -log p(C_i ∩ B_i | x, M) / p(B_i | x, M).
 
@@ -65,18 +57,16 @@ def la_loss(
     B_i: the k_background rows nearest to z (neighbours_of="z", the LA code) or to M[i] ("bank").
     cluster_labels [H, N]: cluster ids from H k-means clusterings of the bank, on its device; C_i
     holds the rows that share i's cluster in at least one clustering.
-    include_positive=True: i joins B_i where B_i misses it (i is in C_i), so the ratio is never 0
+    add_positive=True: i joins B_i where B_i misses it (i is in C_i), so the ratio is never 0
     and C_i = {i} gives BALL (Theorem 5.4).  False: the LA code's sets; an empty C_i ∩ B_i
     then gets the LA code's -log(1e-7), without gradient.
-    reduction: "mean", or "none" for the [B] per-image losses.
+    Returns the batch mean; every quantity is per image, so a one-row batch gives that image's loss.
 
     To copy: la_loss, _check, BackgroundLogits
     """
     dt = _check(z, bank, idx, tau)
     if cluster_labels.shape[1:] != bank.shape[:1] or cluster_labels.device != bank.device:
         raise ValueError(f"cluster_labels must be [H, N] on {bank.device}: {cluster_labels!r:.60}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f'reduction must be "mean" or "none", got {reduction!r}')
     q, bank, idx = z.to(dt) / tau, bank.detach().to(dt), idx.to(bank.device)
     with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
         background, b_i = BackgroundLogits.apply(q, bank, idx, k_background, neighbours_of)
@@ -84,13 +74,12 @@ def la_loss(
         close = torch.zeros_like(b_i, dtype=torch.bool)
         for labels in cluster_labels:  # [N], one clustering
             close |= labels.expand(len(idx), -1).gather(1, b_i) == labels[idx][:, None]
-    add_i = include_positive & ~(b_i == idx[:, None]).any(dim=1)  # i joins B_i where B_i misses it
+    add_i = add_positive & ~(b_i == idx[:, None]).any(dim=1)  # i joins B_i where B_i misses it
     positive = (q * bank[idx]).sum(dim=1).masked_fill(~add_i, -math.inf)
     log_b = background.logsumexp(dim=1).logaddexp(positive)  # log p(B_i | x, M) + log Z
     # Eq. 8's ratio p(C_i ∩ B_i | x, M) / p(B_i | x, M): Eq. 6's normalizer Z cancels.
     ratio = ((background - log_b[:, None]).exp() * close).sum(dim=1) + (positive - log_b).exp()
-    per_image = -torch.where(ratio > 0, ratio, 1e-7).log()  # empty C_i ∩ B_i: the LA code's
-    return per_image.mean() if reduction == "mean" else per_image
+    return -torch.where(ratio > 0, ratio, 1e-7).log().mean()  # empty C_i ∩ B_i: the LA code's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,12 +419,14 @@ def main(argv=None):
     ball = ball_loss(z.double(), bank.double(), idx, args.tau, k, neighbours_of=anchor)
     simple = la_loss(z.double(), bank.double(), idx, singletons, args.tau, k, neighbours_of=anchor)
     print(f"\nTheorem 5.4: LA with C_i = {{i}} minus BALL (float64) = {float(simple - ball):.2e}")
-    per_la = -la_loss(
-        z, bank, idx, labels, args.tau, k, neighbours_of=anchor, reduction="none"
-    ).double()
-    per_simple = -la_loss(
-        z, bank, idx, singletons, args.tau, k, neighbours_of=anchor, reduction="none"
-    ).double()
+
+    def objective_per_image(close_labels):  # L = -la_loss of each image alone, [B]
+        rows = range(len(idx))
+        return torch.stack(
+            [-la_loss(z[[r]], bank, idx[[r]], close_labels, args.tau, k, anchor) for r in rows]
+        ).double()
+
+    per_la, per_simple = objective_per_image(labels), objective_per_image(singletons)
     size = in_both.sum(1).double() + (~(background == idx.unsqueeze(1)).any(1)).double()
     print(
         f"Corollary 5.4.1, per image (L = objective):\n"

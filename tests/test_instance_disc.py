@@ -35,7 +35,7 @@ def all_scores(z, bank, idx, tau):
     return torch.cat([s.gather(1, idx[:, None]), others], dim=1)
 
 
-def ball_by_definition(z, bank, idx, tau, k, anchor="z", close=0, include_positive=True):
+def ball_by_definition(z, bank, idx, tau, k, anchor="z", close=0, add_positive=True):
     """Definitions 5.2/5.3 straight from p(j | x, M): full-softmax probabilities, sorted sets."""
     s = (z.double() @ bank.double().T) / tau
     p = torch.softmax(s, dim=1)  # Eq. 6, normalized over all N
@@ -44,7 +44,7 @@ def ball_by_definition(z, bank, idx, tau, k, anchor="z", close=0, include_positi
     values = []
     for r in range(len(idx)):
         denominator = set(order[r, close:k].tolist())  # B_i \ C_i, C_i = the `close` nearest
-        if include_positive:
+        if add_positive:
             denominator.add(int(idx[r]))
         p_set = p[r, sorted(denominator)].sum()
         values.append(-(torch.log(p[r, idx[r]]) - torch.log(p_set)))
@@ -140,19 +140,19 @@ def test_ir_nce_approaches_ir_with_many_negatives():
 # Definitions 5.2 / 5.3 and Corollary 5.3.1
 # ----------------------------------------------------------------------
 @pytest.mark.parametrize("anchor", ["z", "bank"])
-@pytest.mark.parametrize("include_positive", [True, False])
-def test_ball_is_definition_5_2_from_full_softmax_probabilities(anchor, include_positive):
+@pytest.mark.parametrize("add_positive", [True, False])
+def test_ball_is_definition_5_2_from_full_softmax_probabilities(anchor, add_positive):
     # Corollary 5.3.1's cancellation: log p(i)/p(B_i) with p normalized over all N equals the
     # direct logsumexp over B_i that ball_loss computes.
     z, bank, idx = problem(seed=7, noise=2.0)  # noisy views: some rows have i outside z's B_i
     tau, k = 0.1, 20
-    got = ball_loss(z, bank, idx, tau, k, anchor, include_positive)
-    expected = ball_by_definition(z, bank, idx, tau, k, anchor, 0, include_positive)
+    got = ball_loss(z, bank, idx, tau, k, anchor, add_positive)
+    expected = ball_by_definition(z, bank, idx, tau, k, anchor, 0, add_positive)
     assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
 
 def test_the_test_problem_has_rows_with_i_outside_its_background_set():
-    # Guards the test above: both branches of include_positive are exercised.
+    # Guards the test above: both branches of add_positive are exercised.
     z, bank, idx = problem(seed=7, noise=2.0)
     top = torch.topk(z @ bank.T, 20, dim=1).indices
     inside = (top == idx[:, None]).any(1)
@@ -161,8 +161,8 @@ def test_the_test_problem_has_rows_with_i_outside_its_background_set():
 
 def test_ball_without_positive_can_exceed_one_in_ratio_but_with_positive_is_a_bound():
     z, bank, idx = problem(seed=7, noise=2.0)
-    literal = ball_loss(z, bank, idx, 0.1, 20, include_positive=False)
-    vince = ball_loss(z, bank, idx, 0.1, 20, include_positive=True)
+    literal = ball_loss(z, bank, idx, 0.1, 20, add_positive=False)
+    vince = ball_loss(z, bank, idx, 0.1, 20, add_positive=True)
     assert float(vince) >= 0.0
     assert float(literal) < float(vince)
 
@@ -171,11 +171,9 @@ def test_ball_without_positive_can_exceed_one_in_ratio_but_with_positive_is_a_bo
 def test_ann_is_definition_5_3(anchor):
     z, bank, idx = problem(seed=8, noise=1.0)
     tau, k, close = 0.1, 30, 6
-    for include_positive in (True, False):
-        got = ann_loss(
-            z, bank, idx, tau, k, close, neighbours_of=anchor, include_positive=include_positive
-        )
-        expected = ball_by_definition(z, bank, idx, tau, k, anchor, close, include_positive)
+    for add_positive in (True, False):
+        got = ann_loss(z, bank, idx, tau, k, close, neighbours_of=anchor, add_positive=add_positive)
+        expected = ball_by_definition(z, bank, idx, tau, k, anchor, close, add_positive)
         assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
 
@@ -242,10 +240,10 @@ def test_ball_matches_the_local_aggregation_code_with_close_set_of_just_i():
         1
     ) / probs.sum(1)
     la_code = -torch.log(relative).mean()
-    assert float(ball_loss(z, bank, idx, tau, k, include_positive=False)) == pytest.approx(
+    assert float(ball_loss(z, bank, idx, tau, k, add_positive=False)) == pytest.approx(
         float(la_code), rel=1e-5
     )
-    assert float(ball_loss(z, bank, idx, tau, k, include_positive=True)) == pytest.approx(
+    assert float(ball_loss(z, bank, idx, tau, k, add_positive=True)) == pytest.approx(
         float(la_code), rel=1e-5
     )
 
@@ -385,10 +383,10 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_ann_with_an_empty_annulus_is_minus_infinity():
-    # include_positive=False and C_i covering all of B_i: the denominator B_i \ C_i is empty.
+    # add_positive=False and C_i covering all of B_i: the denominator B_i \ C_i is empty.
     z, bank, idx = problem()
     top = torch.topk(z @ bank.T, 10, dim=1).indices
-    assert ann_loss(z, bank, idx, k_background=10, k_close=top, include_positive=False) == -math.inf
+    assert ann_loss(z, bank, idx, k_background=10, k_close=top, add_positive=False) == -math.inf
     assert torch.isfinite(ann_loss(z, bank, idx, k_background=10, k_close=top))
 
 

@@ -66,6 +66,23 @@ def data():
     return bank, truth, labels, z, idx
 
 
+def per_image(z, bank, idx, labels, *args, **kwargs):
+    """The [B] per-image losses: la_loss of each image alone (Eq. 8 is computed row by row)."""
+    rows = [
+        la_loss(z[b : b + 1], bank, idx[b : b + 1], labels, *args, **kwargs)
+        for b in range(len(idx))
+    ]
+    return torch.stack(rows)
+
+
+def test_la_loss_is_the_mean_of_the_per_image_losses(data):
+    bank, _, labels, z, idx = data
+    for k, add_positive in ((5, False), (40, True), (300, True)):
+        mean = la_loss(z, bank, idx, labels, k_background=k, add_positive=add_positive)
+        rows = per_image(z, bank, idx, labels, k_background=k, add_positive=add_positive)
+        torch.testing.assert_close(mean, rows.mean())
+
+
 def la_code_reference(z, bank, idx, labels, tau, k):
     """The published LA code's formula, densely, in float64: B_i = top-k of
     z . M (i not forced in), p = exp(s / tau) / Z with its fixed Z, numerator
@@ -222,19 +239,17 @@ def test_la_loss_matches_the_published_la_formula(data):
     bank, _, labels, z, idx = data
     for k in (5, 40, 300):
         expected = la_code_reference(z, bank, idx, labels, TAU, k)
-        got = la_loss(
-            z, bank, idx, labels, k_background=k, include_positive=False, reduction="none"
-        )
+        got = per_image(z, bank, idx, labels, k_background=k, add_positive=False)
         # equal up to the LA code's 1e-7 inside the log: |diff| <= 1e-7 / ratio
         assert torch.allclose(got.double(), expected, atol=1e-5, rtol=0)
         # Here every image's own entry is among the k nearest of its view, so
         # adding i to B_i changes nothing.
-        assert torch.equal(got, la_loss(z, bank, idx, labels, k_background=k, reduction="none"))
+        assert torch.equal(got, per_image(z, bank, idx, labels, k_background=k))
 
 
-def test_include_positive_when_i_is_outside_the_background():
+def test_add_positive_when_i_is_outside_the_background():
     """Row 0's view points away from its own bank entry and i is alone in its
-    cluster: the LA code gives -log(1e-7) (no gradient); include_positive=True
+    cluster: the LA code gives -log(1e-7) (no gradient); add_positive=True
     gives BALL's value with i added to B_i (Eq. 8 needs i in the set)."""
     bank, _ = clustered_bank(n=300, seed=2)
     z, idx = views_of(bank, batch=6, seed=3)
@@ -242,16 +257,14 @@ def test_include_positive_when_i_is_outside_the_background():
     z[0] = -bank[idx[0]]  # far from M[i]
     labels = torch.arange(300).unsqueeze(0).repeat(2, 1)  # C_i = {i}
     k = 20
-    code = la_loss(z, bank, idx, labels, k_background=k, include_positive=False, reduction="none")
+    code = per_image(z, bank, idx, labels, k_background=k, add_positive=False)
     assert code[0].item() == pytest.approx(-math.log(1e-7))
-    ours = la_loss(z, bank, idx, labels, k_background=k, reduction="none")
+    ours = per_image(z, bank, idx, labels, k_background=k)
     assert torch.allclose(ours.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
     assert torch.isfinite(ours).all() and ours[0] > 20  # large but finite
     # no gradient from the LA code's constant row
     z_leaf = z.clone().requires_grad_()
-    la_loss(z_leaf, bank, idx, labels, k_background=k, include_positive=False, reduction="none")[
-        0
-    ].backward()
+    per_image(z_leaf, bank, idx, labels, k_background=k, add_positive=False)[0].backward()
     assert torch.count_nonzero(z_leaf.grad) == 0
 
 
@@ -261,9 +274,7 @@ def test_theorem_5_4_singleton_close_sets_give_ball(data):
     bank, _, _, z, idx = data
     singletons = torch.arange(bank.shape[0]).unsqueeze(0)
     for k, neighbours_of in ((10, "z"), (100, "z"), (100, "bank")):
-        got = la_loss(
-            z, bank, idx, singletons, k_background=k, neighbours_of=neighbours_of, reduction="none"
-        )
+        got = per_image(z, bank, idx, singletons, k_background=k, neighbours_of=neighbours_of)
         if neighbours_of == "z":
             assert torch.allclose(got.double(), dense_ball(z, bank, idx, TAU, k), atol=1e-5)
         assert (got > 0).all()
@@ -284,7 +295,7 @@ def test_theorem_5_4_against_instance_disc_ball_loss(data):
     far[0] = -bank[idx[0]]
     for views, conventions in ((z, (True, False)), (far, (True,))):
         for neighbours_of in ("z", "bank"):
-            for include_positive in conventions:
+            for add_positive in conventions:
                 for k in (7, 120):
                     la = la_loss(
                         views.double(),
@@ -294,7 +305,7 @@ def test_theorem_5_4_against_instance_disc_ball_loss(data):
                         TAU,
                         k,
                         neighbours_of=neighbours_of,
-                        include_positive=include_positive,
+                        add_positive=add_positive,
                     )
                     ball = ball_loss(
                         views.double(),
@@ -303,9 +314,9 @@ def test_theorem_5_4_against_instance_disc_ball_loss(data):
                         TAU,
                         k,
                         neighbours_of=neighbours_of,
-                        include_positive=include_positive,
+                        add_positive=add_positive,
                     )
-                    assert abs(float(la - ball)) < 1e-10, (neighbours_of, include_positive, k)
+                    assert abs(float(la - ball)) < 1e-10, (neighbours_of, add_positive, k)
                     la32 = la_loss(
                         views,
                         bank,
@@ -314,7 +325,7 @@ def test_theorem_5_4_against_instance_disc_ball_loss(data):
                         TAU,
                         k,
                         neighbours_of=neighbours_of,
-                        include_positive=include_positive,
+                        add_positive=add_positive,
                     )
                     ball32 = ball_loss(
                         views,
@@ -323,7 +334,7 @@ def test_theorem_5_4_against_instance_disc_ball_loss(data):
                         TAU,
                         k,
                         neighbours_of=neighbours_of,
-                        include_positive=include_positive,
+                        add_positive=add_positive,
                     )
                     assert abs(float(la32 - ball32)) < 1e-4
 
@@ -332,9 +343,9 @@ def test_close_set_is_the_union_over_clusterings(data):
     """Adding clusterings can only grow C_i, so each image's loss can only
     drop; C_i covering the whole bank gives p(C ∩ B) = p(B): loss 0."""
     bank, _, labels, z, idx = data
-    previous = la_loss(z, bank, idx, labels[:1], k_background=60, reduction="none")
+    previous = per_image(z, bank, idx, labels[:1], k_background=60)
     for h in (2, 3):
-        current = la_loss(z, bank, idx, labels[:h], k_background=60, reduction="none")
+        current = per_image(z, bank, idx, labels[:h], k_background=60)
         assert (current <= previous + 1e-6).all()
         previous = current
     one_cluster = torch.zeros(1, bank.shape[0], dtype=torch.long)
@@ -362,9 +373,9 @@ def test_corollary_5_4_1_which_inequality_holds(data):
     corollary's conclusion I(X; X) >= E[L^LA] holds trivially: L^LA <= 0."""
     bank, _, labels, z, idx = data
     k = 80
-    la = la_loss(z, bank, idx, labels, k_background=k, reduction="none").double()
-    simple = la_loss(
-        z, bank, idx, torch.arange(bank.shape[0]).unsqueeze(0), k_background=k, reduction="none"
+    la = per_image(z, bank, idx, labels, k_background=k).double()
+    simple = per_image(
+        z, bank, idx, torch.arange(bank.shape[0]).unsqueeze(0), k_background=k
     ).double()
     size = close_in_background_count(z, bank, idx, labels, k).double()
     assert (la >= 0).all()  # L^LA <= 0 <= I(X; X)
@@ -379,14 +390,13 @@ def test_corollary_5_4_1_which_inequality_holds(data):
     mates = torch.nonzero((labels[:, i : i + 1] == labels).any(dim=0)).flatten()
     j = int(mates[mates != i][0])
     z_mate = bank[j : j + 1].clone()
-    la_j = la_loss(z_mate, bank, idx[:1], labels, k_background=k, reduction="none").double()
-    simple_j = la_loss(
+    la_j = per_image(z_mate, bank, idx[:1], labels, k_background=k).double()
+    simple_j = per_image(
         z_mate,
         bank,
         idx[:1],
         torch.arange(bank.shape[0]).unsqueeze(0),
         k_background=k,
-        reduction="none",
     ).double()
     size_j = close_in_background_count(z_mate, bank, idx[:1], labels, k).double()
     assert (-la_j - torch.log(size_j) > -simple_j).all()
@@ -397,13 +407,11 @@ def test_cluster_ids_of_any_integer_dtype_and_size(data):
     NOT fit int32 must not wrap: adding 2^32 to the ids of odd-numbered entries
     splits every cluster in two, which a blind int32 cast would silently undo."""
     bank, _, labels, z, idx = data
-    expected = la_loss(z, bank, idx, labels, k_background=60, reduction="none")
+    expected = per_image(z, bank, idx, labels, k_background=60)
     for dtype in (torch.int32, torch.int16):
-        assert torch.equal(
-            la_loss(z, bank, idx, labels.to(dtype), k_background=60, reduction="none"), expected
-        )
+        assert torch.equal(per_image(z, bank, idx, labels.to(dtype), k_background=60), expected)
     split = labels + 2**32 * (torch.arange(bank.shape[0]) % 2)
-    got = la_loss(z, bank, idx, split, k_background=60, include_positive=False, reduction="none")
+    got = per_image(z, bank, idx, split, k_background=60, add_positive=False)
     assert torch.allclose(
         got.double(), la_code_reference(z, bank, idx, split, TAU, 60), atol=1e-5, rtol=0
     )
@@ -433,23 +441,20 @@ def test_neighbours_of_bank_versus_z(data):
         la_loss(exact_views, bank, idx, labels, k_background=30, neighbours_of="bank"),
     )
     noisy, _ = views_of(bank, batch=24, noise=0.6, seed=1)
-    by_z = la_loss(noisy, bank, idx, labels, k_background=30, neighbours_of="z", reduction="none")
-    by_m = la_loss(
-        noisy, bank, idx, labels, k_background=30, neighbours_of="bank", reduction="none"
-    )
+    by_z = per_image(noisy, bank, idx, labels, k_background=30, neighbours_of="z")
+    by_m = per_image(noisy, bank, idx, labels, k_background=30, neighbours_of="bank")
     assert not torch.allclose(by_z, by_m)
-    # With B_i around M[i], i itself is always in B_i: include_positive is moot.
+    # With B_i around M[i], i itself is always in B_i: add_positive is moot.
     assert torch.equal(
         by_m,
-        la_loss(
+        per_image(
             noisy,
             bank,
             idx,
             labels,
             k_background=30,
             neighbours_of="bank",
-            include_positive=False,
-            reduction="none",
+            add_positive=False,
         ),
     )
 
@@ -483,7 +488,7 @@ def test_gradient_reaches_z_only_and_matches_autograd(data):
     z64 = z[:6].double().requires_grad_()
     bank64 = bank.detach().double()
     assert torch.autograd.gradcheck(
-        lambda v: la_loss(v, bank64, idx[:6], labels, k_background=40, reduction="none"),
+        lambda v: per_image(v, bank64, idx[:6], labels, k_background=40),
         (z64,),
         eps=1e-6,
         atol=1e-6,
@@ -544,7 +549,6 @@ def test_la_loss_bad_inputs(data):
         (dict(idx=idx.float()), r"int idx \[B\]"),
         (dict(tau=0.0), "tau"),
         (dict(neighbours_of="memory"), "neighbours_of"),
-        (dict(reduction="sum"), "reduction"),
     ]
     for change, message in cases:
         arguments = dict(z=z, bank=bank, idx=idx, cluster_labels=labels, k_background=10)
@@ -564,14 +568,15 @@ def test_la_loss_works_without_faiss(data):
     `from local_agg import la_loss` works and gives the same loss; faiss_has_gpu()
     says False, warn_if_kmeans_on_cpu still works, and only run_kmeans asks for faiss."""
     bank, _, labels, z, idx = data
-    expected = la_loss(z, bank, idx, labels, k_background=60, reduction="none")
+    expected = per_image(z, bank, idx, labels, k_background=60)
     script = """
 import sys, warnings
 sys.modules["faiss"] = None                      # any `import faiss` now raises ImportError
 import torch
 from local_agg import faiss_has_gpu, la_loss, run_kmeans, warn_if_kmeans_on_cpu
 z, bank, idx, labels = torch.load(sys.argv[1])
-print(repr(la_loss(z, bank, idx, labels, k_background=60, reduction="none").tolist()))
+rows = [la_loss(z[[b]], bank, idx[[b]], labels, k_background=60) for b in range(len(idx))]
+print(repr(torch.stack(rows).tolist()))
 print(faiss_has_gpu())
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
