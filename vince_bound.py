@@ -279,9 +279,8 @@ def corollary_3_1_2_bound(scores, log_c, reduction="mean", one_over_k=True):
     c = torch.as_tensor(log_c, dtype=scores.dtype).exp()
     if c.shape not in ((), scores.shape[:1]) or (not torch.is_tensor(log_c) and log_c > 0):
         raise ValueError(f"log_c must be a float <= 0 or [B={len(scores)}], got {log_c}")
-    k = scores.shape[1]
-    log_ratio = scores[:, 0] - torch.logsumexp(scores, dim=1) + (math.log(k) if one_over_k else 0.0)
-    per_row = c * log_ratio - (k - 1)
+    log_ratio = scores.log_softmax(dim=1)[:, 0] + (math.log(scores.shape[1]) if one_over_k else 0.0)
+    per_row = c * log_ratio - (scores.shape[1] - 1)
     return per_row.mean() if reduction == "mean" else per_row
 
 
