@@ -6,6 +6,7 @@ through imagenet_train.main(argv) in-process where possible (no interpreter star
 things only a real process can show (--help, SIGTERM, torchrun with two ranks) use subprocesses.
 """
 
+import datetime
 import gc
 import inspect
 import json
@@ -175,10 +176,15 @@ def test_lesion_flags_remove_exactly_their_augmentation(data, tmp_path, lesion):
         else (set() if lesion == "aug" else set(AUG_TYPES) - {lesion})
     )
     assert present == expected
+    # A view is drawn from (seed, epoch, i) alone: the same key gives the same view whatever the
+    # global RNG holds; another epoch gives another view, unless there is no augmentation.
     torch.manual_seed(0)
-    a, b = train_set[0][0], train_set[0][0]
-    assert a.shape == (3, 32, 32)
-    assert torch.equal(a, b) == (lesion == "aug")  # no augmentation = one single view per image
+    a = train_set[(0, 0)][0]
+    torch.manual_seed(1)
+    b, c = train_set[(0, 0)][0], train_set[(1, 0)][0]
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8  # workers send uint8 (item 10)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c) == (lesion == "aug")  # no augmentation = one single view per image
 
 
 def test_test_view_is_resize_then_center_crop():
@@ -314,98 +320,297 @@ def test_lr_drops_twice_on_plateaus_then_stops(data, tmp_path):
                 lr, bad = lr * 0.1, 0
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_path):
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    data, tmp_path, monkeypatch
+):
     out = tmp_path / "nan"
+    calls = []
+
+    def nan_at_step_5(z, bank, idx, tau):  # the loss of step 5 is NaN
+        calls.append(1)
+        return it.ir_loss(z, bank, idx, tau=tau) * (float("nan") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setitem(it.LOSSES, "ir", it.Loss(nan_at_step_5, (), False))
     with pytest.raises(FloatingPointError, match=r"step 5 \(epoch 2, batch 2/3\)"):
-        it.main(argv(data, out, "ir", 3, 16, "--debug-nan-step", "5"))
+        it.main(argv(data, out, "ir", 3, 16))
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 3) and torch.isfinite(ckpt["bank"]["vectors"]).all()
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
     assert [r["epoch"] for r in rows(out, "epoch")] == [1]
 
 
-def test_sigterm_saves_mid_epoch_and_resume_replays_the_same_run(data, tmp_path):
-    """A real process gets SIGTERM during epoch 2 (of 2); it must save (epoch 1, batch b) and exit 0.
-    Resuming it must give exactly the bank and model of an uninterrupted run (same views: RNG saved)."""
-    out = tmp_path / "sig"
-    # batch 2: 24 steps per epoch, so the signal sent after step 3 of epoch 2 lands well inside it
-    cmd = [sys.executable, "imagenet_train.py"] + argv(data, out, "ir", 2, 2) + ["--log-every", "1"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@pytest.fixture(scope="module")
+def straight_ir(data, tmp_path_factory):
+    """Two epochs of IR at batch 2 (24 steps each), uninterrupted, without workers."""
+    out = tmp_path_factory.mktemp("straight") / "ir"
+    torch.set_num_threads(1)
+    it.main(argv(data, out, "ir", 2, 2))
+    return load_ckpt(out)
+
+
+def run_and_signal(cmd, trigger, sig):
+    """Start cmd in a process group of its own; when a line of its output starts with `trigger`,
+    send `sig` to the whole group, as SLURM's scancel and Ctrl-C do.  Returns (status, output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch 2 step 3/24"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    text = "".join(lines) + rest
-    assert proc.returncode == 0, text
-    assert "stopped by SIGTERM" in text
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(trigger):
+                os.killpg(proc.pid, sig)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, "".join(lines) + rest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_with_workers_saves_and_resume_replays_the_run(
+    data, tmp_path, straight_ir, sig
+):
+    """Items 2 and 8.  SIGTERM or SIGINT to the whole process group, DataLoader workers included,
+    during epoch 2 of 2: exit 0 with a checkpoint at the stop.  Resumed with another number of
+    workers, the run ends with exactly the bank and model of an uninterrupted run without workers:
+    each view comes from (seed, epoch, i) alone."""
+    out = tmp_path / "sig"
+    flags = ["--workers", "2", "--log-every", "1"]
+    cmd = [sys.executable, "imagenet_train.py"] + argv(data, out, "ir", 2, 2, *flags)
+    status, text = run_and_signal(cmd, "epoch 2 step 3/24", sig)
+    assert status == 0 and "Traceback" not in text, text
+    assert f"stopped by {sig.name}" in text
     ckpt = load_ckpt(out)
-    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 24, (
-        text
-    )  # mid-epoch 2, after >= 3 steps
+    assert ckpt["epoch"] == 1 and 3 <= ckpt["batch_in_epoch"] < 24, text  # mid-epoch 2
     assert ckpt["step"] == 24 + ckpt["batch_in_epoch"]
-    it.main(argv(data, out, "ir", 2, 2, "--resume"))
-    it.main(argv(data, tmp_path / "straight", "ir", 2, 2))
-    resumed, straight = load_ckpt(out), load_ckpt(tmp_path / "straight")
+    it.main(argv(data, out, "ir", 2, 2, "--resume", "--workers", "1"))
+    resumed = load_ckpt(out)
     assert (resumed["epoch"], resumed["step"]) == (2, 48)
-    assert torch.equal(resumed["bank"]["vectors"], straight["bank"]["vectors"])
-    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+    assert torch.equal(resumed["bank"]["vectors"], straight_ir["bank"]["vectors"])
+    assert all(torch.equal(resumed["model"][k], v) for k, v in straight_ir["model"].items())
     assert [r["epoch"] for r in rows(out, "epoch")] == [1, 2]
 
 
+def test_fp16_resumes_a_run_saved_without_fp16(ir_checkpoint, data, tmp_path, monkeypatch):
+    """Item 5: a run saved with a disabled GradScaler (state {}) resumed with an enabled one, as
+    --precision fp16 (or auto on a GPU without bf16) does.  The CPU's scaler stands in for CUDA's."""
+    out = tmp_path / "ir"
+    shutil.copytree(ir_checkpoint, out)
+    assert load_ckpt(out)["scaler"] == {}
+    monkeypatch.setattr(it, "make_scaler", lambda precision: torch.amp.GradScaler("cpu"))
+    it.main(argv(data, out, "ir", 2, 16, "--resume"))
+    ckpt = load_ckpt(out)
+    assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
+
+
+def test_modes_threads_and_memory_format(data, tmp_path, monkeypatch):
+    """Items 9 and 11: cudnn.benchmark on unless --deterministic (which turns deterministic
+    kernels on); --threads sets torch's threads; the kNN evaluation's inputs are in the
+    training's memory format (channels_last on a GPU, forced here on the CPU)."""
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    monkeypatch.setattr(it, "memory_format_for", lambda device: torch.channels_last)
+    seen, forward = set(), it.ResNetEmbedding.forward
+
+    def spy(model, x):
+        seen.add((model.training, x.is_contiguous(memory_format=torch.channels_last)))
+        return forward(model, x)
+
+    monkeypatch.setattr(it.ResNetEmbedding, "forward", spy)
+    try:
+        it.main(argv(data, tmp_path / "a", "ir", 1, 16, "--threads", "2"))
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        assert torch.get_num_threads() == 2
+        assert seen == {(True, True), (False, True)}  # training and kNN inputs: channels_last
+        it.main(argv(data, tmp_path / "b", "ir", 1, 16, "--deterministic"))
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])
+
+
+def test_batches_cross_as_uint8_and_the_device_normalises(data, tmp_path):
+    """Item 10: a worker sends uint8 views; to_device_input gives ImageNet-normalised float32."""
+    args = it.build_parser().parse_args(argv(data, tmp_path, "ir", 1, 16, "--no-image-check"))
+    train_set, _, _ = it.load_datasets(args)
+    keys = [(0, i) for i in range(4)]
+    loader = torch.utils.data.DataLoader(train_set, batch_size=4, sampler=keys, num_workers=1)
+    images, _, idx = next(iter(loader))
+    assert (
+        images.dtype == torch.uint8
+        and images.shape == (4, 3, 32, 32)
+        and idx.tolist() == [0, 1, 2, 3]
+    )
+    x = it.to_device_input(images, torch.device("cpu"))
+    ref = transforms.Normalize(it.IMAGENET_MEAN, it.IMAGENET_STD)(images.float() / 255)
+    assert x.dtype == torch.float32 and torch.allclose(x, ref, atol=1e-5)
+
+
+def test_faiss_is_imported_only_where_k_means_runs():
+    """Item 11: importing the trainer (an IR run) does not load faiss."""
+    code = "import sys, imagenet_train; assert 'faiss' not in sys.modules"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+
+
+def test_srun_variables_stand_in_for_torchrun_and_collectives_wait_30_minutes(monkeypatch):
+    """Items 6 and 11: launched by srun alone (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, no RANK)
+    each process is one rank of the run, or a one-line error says what is missing; a rank waits
+    30 minutes in a collective, not hours."""
+    calls = []
+    monkeypatch.setattr(
+        it.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw))
+    )
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(it.UserError, match="srun .* MASTER_ADDR / MASTER_PORT"):
+        it.setup_distributed("cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert it.setup_distributed("cpu") == (True, 3, 1, 4, torch.device("cpu"))
+    timeout = datetime.timedelta(minutes=30)
+    assert calls == [("gloo", dict(rank=3, world_size=4, timeout=timeout))]
+
+
 # -----------------------------------------------------------------------------
-# Two processes under torchrun (gloo): banks identical, uneven last batch, N not divisible by W.
+# Two processes (gloo): under torchrun, and as srun starts them.  A spy script wraps the trainer:
+# it records each rank's Eq. 7 updates, k-means calls, DDP options and gathered features, and can
+# make rank 0's checkpoint write fail.
 # -----------------------------------------------------------------------------
+SPY = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import imagenet_train as it, memory_bank
+rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+spy = dict(kmeans=[], counts=None, gathered=[], ddp=None)
+update, kmeans, ddp, gather = memory_bank.MemoryBank.update, it.run_kmeans, it.DDP, it.gather_to_rank0
+
+def counting_update(bank, indices, vectors, alpha, renormalize=True):
+    spy["bank"] = bank
+    if spy["counts"] is None:
+        spy["counts"] = torch.zeros(bank.size, dtype=torch.long)
+    kept = indices[indices >= 0]
+    spy["counts"].index_add_(0, kept, torch.ones_like(kept))
+    return update(bank, indices, vectors, alpha, renormalize)
+
+def spy_gather(*args):
+    out = gather(*args)
+    spy["gathered"].append(None if out is None else tuple(out.shape))
+    return out
+
+def full_disk(state, path):
+    raise OSError(28, "No space left on device")
+
+memory_bank.MemoryBank.update = counting_update
+it.run_kmeans = lambda *a, **k: spy["kmeans"].append((k["clusterings"], k["threads"])) or kmeans(*a, **k)
+it.DDP = lambda *a, **k: spy.update(ddp=k) or ddp(*a, **k)
+it.gather_to_rank0 = spy_gather
+if os.environ.get("FAIL_SAVE_ON_RANK_0") and rank == 0:
+    it.save_checkpoint = full_disk
+status = it.command_line(sys.argv[1:])
+spy["vectors"] = spy.pop("bank").vectors
+torch.save(spy, os.path.join(os.environ["SPY_DIR"], f"rank{{rank}}.pt"))
+sys.exit(status)
+"""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_torchrun_two_ranks_keep_identical_banks(data, tmp_path):
-    # 45 train images over 2 ranks: DistributedSampler pads to 46; per rank 23 = 5 batches of 4 + 3.
-    odd = tmp_path / "odd"
-    shutil.copytree(data, odd)
-    for c in range(3):
-        os.remove(os.path.join(odd, "train", f"class_{c:02d}", f"train_{c}_000.png"))
-    out, dump = tmp_path / "ddp", tmp_path / "banks"
-    cmd = [
+def torchrun(*args):
+    port = str(free_port())
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
         "--master-port",
-        str(free_port()),
-        "imagenet_train.py",
-    ] + argv(odd, out, "la", 2, 8, "--la-warmup-epochs", "1", "--debug-bank-dump", str(dump))
-    res = subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240
-    )
+        port,
+        *args,
+    ]
+
+
+def test_torchrun_two_ranks_share_k_means_and_keep_identical_banks(data, tmp_path):
+    """Items 1, 3 and 11.  45 train images over 2 ranks: DistributedSampler pads to 46, per rank
+    23 = 5 batches of 4 and one of 3.  LA with H = 3: rank 0 runs clusterings 0 and 2, rank 1
+    runs 1, each on its share of the cores; banks stay identical and each row gets exactly one
+    Eq. 7 update per epoch (the padding repeat is marked -1); DDP does not broadcast buffers
+    every forward; the linear probe's features are gathered on rank 0 only."""
+    odd = tmp_path / "odd"
+    shutil.copytree(data, odd)
+    for c in range(3):
+        os.remove(os.path.join(odd, "train", f"class_{c:02d}", f"train_{c}_000.png"))
+    out, spies = tmp_path / "ddp", tmp_path / "spies"
+    spies.mkdir()
+    (tmp_path / "spy.py").write_text(SPY.format(repo=REPO))
+    flags = ["--la-warmup-epochs", "1", "--n-kmeans", "3", "--eval-linear", "--linear-epochs", "2"]
+    cmd = torchrun(str(tmp_path / "spy.py"), *argv(odd, out, "la", 2, 8, *flags))
+    env = dict(subprocess_env(), SPY_DIR=str(spies))
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    dump0, dump1 = (torch.load(os.path.join(dump, f"bank_rank{r}.pt")) for r in (0, 1))
-    bank0, bank1 = dump0["vectors"], dump1["vectors"]
-    assert bank0.shape == (45, 128) and torch.equal(bank0, bank1)
-    # The sampler's padding repeat (46th slot) is trained on but not written to the bank:
-    # every row got exactly one Eq. 7 update per epoch, counted over both ranks.
-    assert torch.equal(dump0["update_counts"], torch.full((45,), 2))
-    assert torch.equal(dump1["update_counts"], dump0["update_counts"])
+    spy0, spy1 = (torch.load(spies / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert spy0["vectors"].shape == (45, 128) and torch.equal(spy0["vectors"], spy1["vectors"])
+    assert torch.equal(spy0["counts"] + spy1["counts"], torch.full((45,), 2))  # 2 epochs
+    cores = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert spy0["kmeans"] == [([0, 2], cores)] and spy1["kmeans"] == [([1], cores)]
+    assert spy0["ddp"]["broadcast_buffers"] is False and spy1["ddp"]["broadcast_buffers"] is False
+    assert (
+        spy0["gathered"] == [(45, 512), (45,), (16, 512), (16,)] and spy1["gathered"] == [None] * 4
+    )
     ckpt = load_ckpt(out)
-    assert torch.equal(ckpt["bank"]["vectors"], bank0)
+    assert torch.equal(ckpt["bank"]["vectors"], spy0["vectors"])
     assert (ckpt["epoch"], ckpt["step"]) == (2, 12)  # 6 steps per epoch on each rank
-    assert bool((bank0 != MemoryBank(45, 128, seed=0).vectors).any(dim=1).all())
-    assert len(ckpt["rng_states"]) == 2
+    labels = ckpt["cluster_labels"]  # each clustering from one rank, joined on both
+    assert labels.shape == (3, 45) and int(labels.min()) >= 0 and int(labels.max()) < 4
     assert [r["world_size"] for r in rows(out, "config")] == [2]
     assert [r["algo"] for r in rows(out, "epoch")] == ["ir", "la"]
+    assert len(rows(out, "linear")) == 1
+
+
+def test_torchrun_ranks_stop_within_steps_of_a_signal(data, tmp_path):
+    """Item 7: SIGTERM to torchrun's process group (as SLURM sends it) after step 6 of 12 in
+    epoch 2, with progress checks only every 6 steps: the ranks agree to stop after the next step
+    or two, not at the next check (step 12), and save there."""
+    out = tmp_path / "stop"
+    cmd = torchrun("imagenet_train.py", *argv(data, out, "ir", 2, 4, "--log-every", "6"))
+    _, text = run_and_signal(cmd, "epoch 2 step 6/12", signal.SIGTERM)
+    assert "stopped by SIGTERM" in text, text
+    ckpt = load_ckpt(out)
+    assert ckpt["epoch"] == 1 and 6 < ckpt["batch_in_epoch"] < 12, text
+
+
+def test_srun_launch_and_a_rank_0_failure_ends_every_rank(data, tmp_path):
+    """Items 6 and 11: two processes started as srun starts them (SLURM_* variables, no RANK) train
+    as one run; when rank 0 alone fails to write its checkpoint, rank 1 fails too, at once, rather
+    than wait in its next collective."""
+    (tmp_path / "spy.py").write_text(SPY.format(repo=REPO))
+    port, out = str(free_port()), tmp_path / "out"
+    procs = []
+    for rank in range(2):
+        env = dict(subprocess_env(), SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAIL_SAVE_ON_RANK_0="1", SPY_DIR=str(tmp_path))  # fmt: skip
+        cmd = [sys.executable, str(tmp_path / "spy.py"), *argv(data, out, "ir", 2, 16)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    try:
+        (out0, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0 and "No space left on device" in err0, err0[-2000:]
+    assert procs[1].returncode != 0 and "rank 0 failed: [Errno 28] No space left" in err1, err1[
+        -2000:
+    ]
+    assert "epoch 1 done" in out0 and rows(out, "config")[0]["world_size"] == 2
 
 
 # -----------------------------------------------------------------------------
@@ -542,7 +747,6 @@ def test_help_lists_the_paper_flags():
         "--eval-linear",
         "--resume",
         "--plot",
-        "--benchmark",
         "App. D",
         "Eq. 7",
     ):
@@ -590,31 +794,6 @@ def test_plot_groups_runs_into_figure_2_panels(tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(dict(kind="epoch", epoch=1, knn_top1=0.1)) + "\n")
         it.plot_logs([str(bad)], str(out))
-
-
-def test_benchmark_path_runs_both_algorithms_on_cpu():
-    res = it.main(
-        [
-            "--benchmark",
-            "--device",
-            "cpu",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--bench-steps",
-            "2",
-            "--bench-bank",
-            "300",
-            "--kmeans-k",
-            "5",
-            "--k-background",
-            "16",
-        ]
-    )
-    assert [r["algo"] for r in res] == ["ir", "la"]
-    assert all(r["images_per_s"] > 0 and r["bank_rows"] == 300 for r in res)
-    assert res[0]["kmeans_s"] is None and res[1]["kmeans_s"] >= 0 and res[1]["kmeans_clusters"] == 5
 
 
 # -----------------------------------------------------------------------------
@@ -857,24 +1036,17 @@ def test_kmeans_warning_names_the_job_for_la_on_a_gpu(monkeypatch):
 # -----------------------------------------------------------------------------
 def test_host_checks_happen_every_log_every_steps_and_before_each_save(data, tmp_path, monkeypatch):
     calls = []
-    real = it.check_in
-    monkeypatch.setattr(it, "check_in", lambda run: calls.append(run.global_step) or real(run))
+    real = it.check_finite
+    monkeypatch.setattr(it, "check_finite", lambda run: calls.append(run.step) or real(run))
     it.main(argv(data, tmp_path / "x", "ir", 2, 8, "--log-every", "4"))  # 6 steps per epoch
     # steps 4 and 6 (the epoch's last) in the loop, then once more before the epoch's checkpoint
     assert calls == [4, 6, 6, 10, 12, 12]
 
 
 def test_training_stages_are_named_and_the_step_fits_a_screen():
-    for stage in (
-        it.set_up,
-        it.resume,
-        it.train_one_epoch,
-        it.end_of_epoch,
-        it.after_training,
-        it.main,
-    ):
+    for stage in (it.set_up, it.resume, it.train, it.end_of_epoch, it.after_training, it.main):
         assert stage.__doc__
-    for function, most in ((it.train_step, 40), (it.train_one_epoch, 60), (it.main, 40)):
+    for function, most in ((it.train_step, 30), (it.train, 45), (it.main, 35)):
         assert len(inspect.getsource(function).splitlines()) <= most, function.__name__
 
 
