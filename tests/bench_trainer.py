@@ -53,7 +53,6 @@ sys.path.insert(0, REPO)
 import imagenet_train as it  # noqa: E402
 from local_agg import faiss_has_gpu, run_kmeans  # noqa: E402
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 JITTER = 0.4  # App. D says "random color jitter"; 0.4 for all four is the IR / LA code's setting
 ANCHOR_MS = 7.2  # the issue's figure for today's path on one core (another machine and JPEG)
 TARGET_MS = 4.0
@@ -93,7 +92,7 @@ def tensor_decode(data):
 def pipelines(size, min_scale=0.2):
     """{path: [(stage, function), ...]}: App. D's view, stage by stage, in the trainer's order."""
     jitter = (JITTER, JITTER, JITTER, min(JITTER, 0.5))
-    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    normalize = T.Compose([T.ToTensor(), T.Normalize(it.IMAGENET_MEAN, it.IMAGENET_STD)])
     pil = [
         ("crop", T.RandomResizedCrop(size, scale=(min_scale, 1.0))),
         ("gray", T.RandomGrayscale(p=0.2)),
@@ -240,17 +239,6 @@ def trainer_args(algo, args, rows):
     return it.build_parser().parse_args(argv)
 
 
-def to_device_input(images, run):
-    """uint8 [B, 3, H, W] from the loader -> the network's normalized float input on the device."""
-    if hasattr(it, "to_device_input"):
-        return it.to_device_input(images, run.device, run.mem_fmt)
-    # TEMPORARY until the trainer's rewrite lands: the same, written out
-    mean = torch.tensor(IMAGENET_MEAN, device=run.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=run.device).view(1, 3, 1, 1) * 255
-    x = images.to(run.device, non_blocking=True).contiguous(memory_format=run.mem_fmt)
-    return (x.float() - mean) / std
-
-
 def bench_step(args):
     """Images/s of train_step for each algorithm in args.algos: a pinned uint8 batch (what the
     loader hands over) copied, normalized on the device and stepped, --steps timed steps after
@@ -289,13 +277,13 @@ def bench_step(args):
             for _ in range(args.warmup + args.steps)
         ]
         for idx in batches[: args.warmup]:  # cudnn.benchmark tunes its kernels here
-            it.train_step(run, to_device_input(images, run), idx)
+            it.train_step(run, it.to_device_input(images, run.device, run.mem_fmt), idx)
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for idx in batches[args.warmup :]:
-            loss = it.train_step(run, to_device_input(images, run), idx)
+            loss = it.train_step(run, it.to_device_input(images, run.device, run.mem_fmt), idx)
         loss = float(loss)  # waits for the last step
         seconds = time.perf_counter() - t0
         row = dict(
