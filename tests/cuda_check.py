@@ -4,12 +4,11 @@
     python tests/cuda_check.py --device cpu    # the same sequence at tiny sizes (CI runs it)
     python tests/cuda_check.py --only train    # rerun the checks whose names start with "train"
 
-It prints one JSON line per check on stdout,
-{"check": NAME, "status": "pass" | "fail" | "n/a", ...}, and a last "summary" line; the exit
-status is 1 if a check that ran failed, else 0.  "n/a" marks a
-check that cannot run here (the host-synchronisation checks on the CPU, the 2-GPU check on one
-GPU): neither passed nor failed.  What the trainer prints goes to --out DIR/trainer_output.log (or
-is dropped), so stdout holds only the JSON lines.  Training, resume, torchrun, ddp and the
+It prints one JSON line per check on stdout, {"check": NAME, "status": "pass" | "fail" | "n/a",
+...}, and a last "summary" line; the exit status is 1 if a check that ran failed, else 0.  "n/a"
+marks a check that cannot run here (the host-synchronisation checks on the CPU, the 2-GPU check on
+one GPU): neither passed nor failed.  What the trainer prints goes to --out DIR/trainer_output.log
+(or is dropped), so stdout holds only the JSON lines.  Training, resume, torchrun, ddp and the
 benchmark each run in fresh processes, so a CUDA error in one cannot poison the checks after it.
 
   environment        versions, the GPU, and which faiss build k-means will use (GPU or CPU)
@@ -42,7 +41,7 @@ faiss-cpu wheel beforehand (one abi3 wheel for any Python >= 3.10) into the git-
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
         && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 tests/cuda_check.py --out $OUT
 
-The sizes below are estimates: this script has not yet run on a GPU.
+The 4 minutes are an estimate from the sizes: this script has not yet run on a GPU.
 """
 
 import argparse
@@ -75,8 +74,8 @@ from instance_disc import ann_loss, ball_loss, ir_loss, ir_nce_loss  # noqa: E40
 from local_agg import la_loss  # noqa: E402
 from memory_bank import MemoryBank  # noqa: E402
 
-# The issue's floor for IR at 224 px, batch 256, bf16, a 1,281,167-row bank, on an H200 (an H100 is
-# held to it too: same SM count class).  Other GPUs: reported, not judged.
+# Issue 16's floor for IR at 224 px, batch 256, bf16, a 1,281,167-row bank, on an H200; an H100 (the
+# same chip, slower memory) is held to it too.  Other GPUs: reported, not judged.
 IR_FLOOR = 4000
 FLOOR_GPUS = ("H100", "H200")
 # Sizes per device.  cuda: the losses at a 100k-row bank and App. D's batch and |B_i|; 4 epochs of
