@@ -61,14 +61,16 @@ from memory_bank import MemoryBank
 # range, help).  The data-sized ones (APP_D_DATA_SIZED), left unset, take min(App. D, what fits).
 # -----------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN_STD = (IMAGENET_MEAN, IMAGENET_STD)
 IMAGENET_TRAIN_SIZE = 1_281_167  # bank rows for ImageNet-1k's train split
+SPLITS, AUGMENTATIONS = ("train", "val"), ("crop", "gray", "jitter", "flip")
 APP_D_DATA_SIZED = {"batch_size": 256, "k_background": 4096, "kmeans_k": 30000, "knn_k": 200}
 # fmt: off
 SETTINGS = [
     ("--data", str, None, None, "ImageFolder root: train/CLASS/*.jpg and val/CLASS/*.jpg"),
     ("--out-dir", str, "runs/default", None, "where ckpt.pt and log.jsonl go (rank 0 writes)"),
-    ("--algo", ("ir", "ball", "ann", "la"), "ir", None, "ir: Eq. 6 over the whole bank; ball: "
-     "Def. 5.2 (negatives: background set B_i); ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8"),
+    ("--algo", ("ir", "ball", "ann", "la"), "ir", None, "ir: Eq. 6, the whole bank; ball: Def. "
+     "5.2 (negatives: background set B_i); ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8"),
     ("--tau", float, 0.07, "> 0", "temperature tau of Eq. 6 (App. D)"),
     ("--alpha", float, 0.5, "[0, 1)", "bank update rate alpha of Eq. 7 (App. D's t, Fig. 2c's m)"),
     ("--dim", int, 128, ">= 1", "representation dimension d: ResNet-18 'classes' (App. D)"),
@@ -77,20 +79,20 @@ SETTINGS = [
     ("--neighbours-of", ("z", "bank"), "z", None, "B_i: bank rows nearest to z (LA code) or M[i]"),
     ("--kmeans-k", int, None, ">= 1", "LA: clusters per k-means (default: App. D's 30000, or N)"),
     ("--n-kmeans", int, 10, ">= 1", "LA: k-means runs H; C_i = union of i's clusters (App. D)"),
-    ("--init-from", str, None, None, "BALL/ANN/LA: model and bank from this IR checkpoint (Fig. 2a)"),
-    ("--la-warmup-epochs", int, None, ">= 0", "LA without --init-from: IR epochs first (default 10)"),
+    ("--init-from", str, None, None, "BALL/ANN/LA: start from this IR checkpoint (Fig. 2a)"),
+    ("--la-warmup-epochs", int, None, ">= 0", "LA, no --init-from: IR epochs first (default 10)"),
     ("--lr", float, 0.03, "> 0", "SGD learning rate (App. D)"),
     ("--momentum", float, 0.9, "[0, 1)", "SGD momentum (App. D)"),
     ("--weight-decay", float, 1e-4, ">= 0", "SGD weight decay (App. D)"),
-    ("--batch-size", int, None, ">= 1", "GLOBAL batch over the ranks (default: App. D's 256, or N)"),
-    ("--patience", int, 10, ">= 1", "epochs without a better val knn_top1 before the LR drops (App. D)"),
+    ("--batch-size", int, None, ">= 1", "GLOBAL batch (default: App. D's 256, or N)"),
+    ("--patience", int, 10, ">= 1", "epochs without better val knn_top1 before an LR drop"),
     ("--lr-factor", float, 0.1, "(0, 1)", "LR multiplier at each drop (App. D: 10x)"),
     ("--lr-drops", int, 2, ">= 0", "LR drops before the next plateau ends training (App. D)"),
     ("--epochs", int, 200, ">= 1", "hard cap on epochs (the plateau rule usually stops first)"),
     ("--image-size", int, 224, ">= 32", "training crop side (App. D); test: resize x256/224, crop"),
     ("--crop-min-scale", float, 0.2, "(0, 1]", "smallest area fraction of RandomResizedCrop"),
-    ("--jitter", float, 0.4, ">= 0", "ColorJitter strength (brightness, contrast, saturation, hue)"),
-    ("--no-crop", bool, False, None, "Fig. 2b lesion: no random resized crop (resize, center crop)"),
+    ("--jitter", float, 0.4, ">= 0", "ColorJitter strength (App. D: 0.4)"),
+    ("--no-crop", bool, False, None, "Fig. 2b lesion: no random resized crop"),
     ("--no-gray", bool, False, None, "Fig. 2b lesion: no random grayscale"),
     ("--no-jitter", bool, False, None, "Fig. 2b lesion: no color jitter"),
     ("--no-flip", bool, False, None, "Fig. 2b lesion: no horizontal flip"),
@@ -168,13 +170,15 @@ def in_range(value, allowed):
     return value >= float(bound) if op == ">=" else value > float(bound)
 
 
-def check_args(args, world):
-    """Impossible or contradictory flags, before anything is built (check_sizes: against the data)."""
+def check_args(args, world, n_train=None):
+    """Impossible or contradictory flags, before anything is built; given n_train (the bank rows),
+    typed values that do not fit the data (unset ones were fitted by fit_defaults_to_data)."""
     for flag, _, _, allowed, _ in SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if allowed and value is not None and not in_range(value, allowed):
             raise UserError(f"{flag} must be {'in ' * (allowed[0] in '[(')}{allowed}, got {value}")
-    a, loss = args, LOSSES[args.algo]
+    a, loss, n = args, LOSSES[args.algo], f"N = {n_train} train images"
+    sized = n_train is not None
     # fmt: off
     rules = [
         (a.batch_size is None or a.batch_size % world == 0, f"--batch-size {a.batch_size} is the "
@@ -188,6 +192,20 @@ def check_args(args, world):
         (not (a.init_from and a.resume), "--init-from and --resume exclude each other"),
         (not (a.init_from and a.la_warmup_epochs), "--init-from replaces the IR warm-up; do not "
          "also pass --la-warmup-epochs > 0"),
+        (not sized or n_train >= world, f"--data: {n_train} train images cannot be split over "
+         f"{world} processes"),
+        (not sized or a.batch_size <= n_train, f"--batch-size {a.batch_size} is larger than the "
+         f"train set ({n_train} images)"),
+        (not sized or "k_background" not in loss.extra or a.k_background <= n_train,
+         f"--k-background {a.k_background} must be <= {n}"),
+        (not sized or not loss.kmeans or a.kmeans_k <= n_train,
+         f"--kmeans-k {a.kmeans_k} must be <= {n}"),
+        (not sized or a.knn_k <= n_train, f"--knn-k {a.knn_k} must be <= {n}"),
+        # BatchNorm cannot normalise one value per channel: a last batch of ONE image with a 1x1
+        # conv5 map (below 64 px) would crash at the end of epoch 1.
+        (not sized or a.image_size >= 64 or -(-n_train // world) % (a.batch_size // world) != 1,
+         f"--batch-size {a.batch_size}: each rank's last batch would hold one image, which "
+         f"BatchNorm rejects at --image-size {a.image_size} < 64; pick another batch size"),
     ]
     # fmt: on
     for ok, message in rules:
@@ -224,42 +242,23 @@ def fit_defaults_to_data(args, n_train, world):
     return text + ", ".join(lowered) if lowered else None
 
 
-def check_sizes(args, n_train, world):
-    """Typed values that do not fit the N train images (the bank rows) are errors."""
-    a, loss, n = args, LOSSES[args.algo], f"N = {n_train} train images"
-    # fmt: off
-    rules = [
-        (n_train >= world, f"--data: {n_train} train images cannot be split over {world} processes"),
-        (a.batch_size <= n_train, f"--batch-size {a.batch_size} is larger than the train set ({n_train} images)"),
-        ("k_background" not in loss.extra or a.k_background <= n_train,
-         f"--k-background {a.k_background} must be <= {n}"),
-        (a.k_close is None or a.k_close < a.k_background,
-         f"--k-close must be in [0, --k-background={a.k_background}), got {a.k_close}"),
-        (not loss.kmeans or a.kmeans_k <= n_train, f"--kmeans-k {a.kmeans_k} must be <= {n}"),
-        (a.knn_k <= n_train, f"--knn-k {a.knn_k} must be <= {n}"),
-        # BatchNorm cannot normalise one value per channel: a last batch of ONE image with a 1x1
-        # conv5 map (below 64 px) would crash at the end of epoch 1.
-        (a.image_size >= 64 or math.ceil(n_train / world) % (a.batch_size // world) != 1,
-         f"--batch-size {a.batch_size}: each rank's last batch would hold one image, which "
-         f"BatchNorm rejects at --image-size {a.image_size} < 64; pick another batch size"),
-    ]
-    # fmt: on
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
-
-
 # -----------------------------------------------------------------------------
 # Data: the views v(x, a) and the loaders.  Workers send uint8; the device normalises.
 # -----------------------------------------------------------------------------
-def train_transform(image_size, crop=True, gray=True, jitter=True, flip=True, crop_min_scale=0.2,
-                    jitter_strength=0.4):  # fmt: skip
+def train_transform(
+    image_size,
+    crop=True,
+    gray=True,
+    jitter=True,
+    flip=True,
+    crop_min_scale=0.2,
+    jitter_strength=0.4,
+):
     """The view set of IR and LA (Section 5.3, App. D): random resized crop, random grayscale
     (p=0.2), color jitter, horizontal flip; each flag off is a lesion of Figure 2b, all off leaves
     one view (resize, center crop).  PIL image -> uint8 tensor [3, H, W]."""
-    s = jitter_strength
-    ops = [transforms.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0))] if crop else [
-        transforms.Resize(image_size), transforms.CenterCrop(image_size)]  # fmt: skip
+    s, fixed = jitter_strength, [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    ops = [transforms.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0))] if crop else fixed
     ops += [transforms.RandomGrayscale(p=0.2)] if gray else []
     ops += [transforms.ColorJitter(s, s, s, min(s, 0.5))] if jitter else []  # hue <= 0.5
     ops += [transforms.RandomHorizontalFlip()] if flip else []
@@ -273,11 +272,12 @@ def test_transform(image_size):
 
 
 def to_device_input(images, device, mem_fmt=torch.contiguous_format):
-    """uint8 [B, 3, H, W] from the loader -> the network's input: ImageNet-normalised float on
-    `device`.  A quarter of float32's bytes cross from the workers to the device, which normalises."""
-    if device not in _MEAN_STD:  # made once per device: a host-to-device copy waits for the device
-        _MEAN_STD[device] = [torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
-                             for v in (IMAGENET_MEAN, IMAGENET_STD)]  # fmt: skip
+    """uint8 [B, 3, H, W] from the loader -> the network's input, ImageNet-normalised float on
+    `device`: a quarter of float32's bytes cross from the workers, and the device normalises."""
+    if device not in _MEAN_STD:  # once per device: a host-to-device copy waits for the device
+        _MEAN_STD[device] = [
+            torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in MEAN_STD
+        ]
     mean, std = _MEAN_STD[device]
     x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
     return x.contiguous(memory_format=mem_fmt)
@@ -299,9 +299,7 @@ class IndexedImageFolder(ImageFolder):
         try:
             image = self.loader(path)
         except Exception as err:  # a header that passed the check, pixels that do not decode
-            raise UserError(
-                f"--data: unreadable image {path} ({type(err).__name__}: {err})"
-            ) from err
+            raise UserError(f"--data: unreadable image {path} ({_why(err)})") from err
         if epoch is None:
             return self.transform(image), target, index
         with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's RNG
@@ -310,7 +308,7 @@ class IndexedImageFolder(ImageFolder):
 
 
 class EpochSampler(DistributedSampler):
-    """This rank's shard of an epoch as (epoch, i) keys, less its first `skip` (mid-epoch resume)."""
+    """This rank's share of an epoch as (epoch, i) keys, less its first `skip` (resume)."""
 
     skip = 0
 
@@ -336,21 +334,17 @@ def load_datasets(args, rank=0, world=1):
             raise UserError(
                 f"--data {root!r} has no {split}/ folder (expected {split}/CLASS/IMAGE)"
             )
-    t, v = (
-        sorted(e.name for e in os.scandir(os.path.join(root, s)) if e.is_dir())
-        for s in ("train", "val")
-    )
+    t, v = (sorted(e.name for e in os.scandir(os.path.join(root, s)) if e.is_dir()) for s in SPLITS)
     if not t:
         raise UserError(f"--data: {os.path.join(root, 'train')} is empty (no class folders)")
     if t != v:
         only_t, only_v = sorted(set(t) - set(v)), sorted(set(v) - set(t))
-        raise UserError(f"--data: train/ and val/ class folders differ: only in train {only_t[:5]}, "
-                        f"only in val {only_v[:5]} ({len(only_t)} and {len(only_v)} in all)")  # fmt: skip
-    keep = {
-        k: not (getattr(args, f"no_{k}") or args.no_aug) for k in ("crop", "gray", "jitter", "flip")
-    }
-    views = train_transform(args.image_size, crop_min_scale=args.crop_min_scale,
-                            jitter_strength=args.jitter, **keep)  # fmt: skip
+        differ = f"only in train {only_t[:5]}, only in val {only_v[:5]}"
+        counts = f"{len(only_t)} and {len(only_v)} in all"
+        raise UserError(f"--data: train/ and val/ class folders differ: {differ} ({counts})")
+    keep = {k: not (getattr(args, f"no_{k}") or args.no_aug) for k in AUGMENTATIONS}
+    views = train_transform(args.image_size, **keep, crop_min_scale=args.crop_min_scale,
+                            jitter_strength=args.jitter)  # fmt: skip
     try:
         train = IndexedImageFolder(os.path.join(root, "train"), transform=views)
         val = IndexedImageFolder(
@@ -360,7 +354,7 @@ def load_datasets(args, rank=0, world=1):
         raise UserError(f"--data: {err}") from err
     train.view_seed, train_eval = args.seed, copy.copy(train)  # same file list, no second scan
     train_eval.transform = val.transform
-    if not args.no_image_check:  # open every header (no decode): a broken file stops us now, named
+    if not args.no_image_check:  # open each header (no decode): a broken file stops us now, named
         with ThreadPoolExecutor(16) as pool:
             paths = [p for p, _ in train.samples + val.samples][rank::world]
             found = [next((b for b in pool.map(_bad_image, paths) if b), None)]
@@ -377,7 +371,11 @@ def _bad_image(path):
     try:
         Image.open(path).close()  # reads the header only
     except Exception as err:
-        return f"{path} ({type(err).__name__}: {err})"
+        return f"{path} ({_why(err)})"
+
+
+def _why(err):
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 # -----------------------------------------------------------------------------
@@ -426,16 +424,7 @@ def make_scaler(precision):
 # The state of a run, declared once.  set_up fills it, the loop updates it; checkpoint() saves the
 # model, SGD, LR rule, scaler, bank, cluster labels and the PROGRESS fields.
 # -----------------------------------------------------------------------------
-PROGRESS = (
-    "epoch",
-    "batch_in_epoch",
-    "step",
-    "best_knn",
-    "lr_drops",
-    "finished",
-    "warmup",
-    "init_epoch",
-)
+PROGRESS = "epoch batch_in_epoch step best_knn lr_drops finished warmup init_epoch".split()
 
 
 class Run:
@@ -454,15 +443,12 @@ class Run:
         self.train_loader = self.val_loader = self.train_labels = self.scheduler = None
         self.ckpt_path = self.log_path = self.defaults_note = None
         self.stop = {"signal": None}  # set by catch_stop_signals
-        self.nonfinite_at = torch.zeros(
-            (), dtype=torch.long, device=device
-        )  # 1st NaN step; 0: none
+        # the first step whose loss was not finite, kept on the device (0: none so far)
+        self.nonfinite_at = torch.zeros((), dtype=torch.long, device=device)
         # PROGRESS, saved: completed epochs, batches done in the current one, steps, App. D's LR
         # rule, LA's IR warm-up epochs, and the IR epochs an --init-from run continues.
-        self.epoch = self.batch_in_epoch = self.step = self.lr_drops = self.warmup = (
-            self.init_epoch
-        ) = 0
-        self.best_knn, self.finished = -1.0, False
+        self.epoch = self.batch_in_epoch = self.step = self.lr_drops = 0
+        self.best_knn, self.finished, self.warmup, self.init_epoch = -1.0, False, 0, 0
 
     master = property(lambda self: self.rank == 0)
 
@@ -471,12 +457,9 @@ def build_step_state(args, device, num_rows, precision):
     """What one train_step needs: model E, SGD, bank of num_rows rows, identical on every rank."""
     torch.manual_seed(args.seed)
     model = ResNetEmbedding(args.dim, args.stem).to(device, memory_format=memory_format_for(device))
-    sgd = torch.optim.SGD(
-        model.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay
-    )
-    return Run(
-        args, device, precision, model, sgd, MemoryBank(num_rows, args.dim, device, args.seed)
-    )
+    sgd = torch.optim.SGD(model.parameters(), args.lr, args.momentum, 0, args.weight_decay)
+    bank = MemoryBank(num_rows, args.dim, device, args.seed)
+    return Run(args, device, precision, model, sgd, bank)
 
 
 # -----------------------------------------------------------------------------
@@ -559,30 +542,31 @@ def cluster_bank(run):
 
     def work():
         if mine:
-            labels[mine] = run_kmeans(run.bank.vectors, args.kmeans_k, args.n_kmeans, seed,
-                                      verbose=run.master, clusterings=mine, threads=threads)  # fmt: skip
+            kw = dict(verbose=run.master, clusterings=mine, threads=threads)
+            labels[mine] = run_kmeans(run.bank.vectors, args.kmeans_k, args.n_kmeans, seed, **kw)
 
     everywhere(run, work)  # a faiss failure on one rank is an error on all
     labels = labels.to(run.device)
     if run.ddp:
         dist.all_reduce(labels, op=dist.ReduceOp.MAX)
     if run.master:
+        where = f"{run.world} process(es), {threads} threads each"
         print(f"epoch {run.epoch + 1}: {args.n_kmeans} k-means of {args.kmeans_k} clusters on "
-              f"{run.world} process(es), {threads} threads each, {time.time() - t0:.1f}s", flush=True)  # fmt: skip
+              f"{where}, {time.time() - t0:.1f}s", flush=True)  # fmt: skip
     return labels
 
 
 def end_of_epoch(run, meter):
-    """Mean loss and images/s over the ranks, val knn_top1 against the bank, App. D's LR rule, log."""
+    """Mean loss and images/s over the ranks, val knn_top1 against the bank, App. D's LR rule."""
     totals = torch.stack([meter["loss"], torch.tensor(float(meter["images"]), device=run.device)])
     if run.ddp:
         dist.all_reduce(totals)
         for buf in run.raw_model.buffers():  # BatchNorm statistics: evaluate and save rank 0's
             dist.broadcast(buf, src=0)
-    knn, lr_used, train_s = (
-        knn_top1(run),
-        run.optimizer.param_groups[0]["lr"],
+    train_s, lr_used, knn = (
         time.time() - meter["t0"],
+        run.optimizer.param_groups[0]["lr"],
+        knn_top1(run),
     )
     if run.epoch >= run.warmup:  # the rule starts with the algorithm itself, not LA's warm-up
         run.scheduler.step(knn)
@@ -591,13 +575,15 @@ def end_of_epoch(run, meter):
             run.finished = run.lr_drops > run.args.lr_drops  # App. D: two drops, then stop
     run.best_knn, run.epoch, run.batch_in_epoch = max(run.best_knn, knn), run.epoch + 1, 0
     loss, ips = totals[0].item() / max(1, meter["steps"] * run.world), totals[1].item() / train_s
-    row = dict(kind="epoch", epoch=run.epoch, step=run.step, algo=run.phase, train_loss=loss, lr=lr_used,
-               knn_top1=knn, best_knn_top1=run.best_knn, images_per_s=ips, epoch_s=train_s)  # fmt: skip
+    row = dict(kind="epoch", epoch=run.epoch, step=run.step, algo=run.phase, train_loss=loss,
+               lr=lr_used, knn_top1=knn, best_knn_top1=run.best_knn, images_per_s=ips,
+               epoch_s=train_s)  # fmt: skip
     everywhere(run, lambda: append_log(run.log_path, row), master_only=True)
     if run.master:
         done = " | learning converged: stopping (App. D)" if run.finished else ""
         print(f"epoch {run.epoch} done | {run.phase} train loss {loss:.4f} | val knn_top1 "
-              f"{100 * knn:.2f}% (best {100 * run.best_knn:.2f}%) | {ips:.1f} img/s{done}", flush=True)  # fmt: skip
+              f"{100 * knn:.2f}% (best {100 * run.best_knn:.2f}%) | {ips:.1f} img/s{done}",
+              flush=True)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -613,9 +599,8 @@ def setup_distributed(device_flag, timeout_min=30.0):
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise UserError("launched by srun with SLURM_NTASKS > 1 but MASTER_ADDR / MASTER_PORT "
                             "are not set: export them, or start one torchrun per node")  # fmt: skip
-    flag = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if device_flag == "auto" else device_flag
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    flag = auto if device_flag == "auto" else device_flag
     if flag not in ("cpu", "cuda") and not flag.startswith("cuda:"):
         raise UserError(f"--device must be auto, cpu or cuda, got {flag!r}")
     if flag.startswith("cuda") and not torch.cuda.is_available():
@@ -635,7 +620,7 @@ def setup_distributed(device_flag, timeout_min=30.0):
 
 
 def cores_per_process():
-    """The CPU cores this process may use: its affinity mask, shared among torchrun's local ranks."""
+    """The CPU cores this process may use: its affinity mask, shared by torchrun's local ranks."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
@@ -643,7 +628,7 @@ def cores_per_process():
 def padded_mask(first_local_position, count, rank, world, n):
     """Which of this rank's next `count` samples are DistributedSampler padding: it pads the list
     to a multiple of W by repeating its first entries and deals rank r positions r, r+W, ...;
-    positions >= n are repeats.  They train, but leave the bank alone (one Eq. 7 per row and epoch)."""
+    positions >= n are repeats; they train but leave the bank alone (one Eq. 7 per row, epoch)."""
     return (rank + (first_local_position + torch.arange(count)) * world) >= n
 
 
@@ -805,10 +790,10 @@ def after_training(run):
     pool = args.linear_features == "pool"
     (tx, ty), (vx, vy) = extract(run, run.train_eval_set, pool), extract(run, run.val_set, pool)
     if run.master:
-        top1, top5 = linear_probe(tx, ty, vx, vy, run.num_classes, args.linear_epochs, args.linear_lr,
-                                  seed=args.seed)  # fmt: skip
-        append_log(run.log_path, dict(kind="linear", epoch=run.epoch, features=args.linear_features,
-                                      linear_top1=top1, linear_top5=top5))  # fmt: skip
+        fit = (run.num_classes, args.linear_epochs, args.linear_lr, args.seed)
+        top1, top5 = linear_probe(tx, ty, vx, vy, *fit)
+        row = dict(kind="linear", epoch=run.epoch, features=args.linear_features, linear_top1=top1)
+        append_log(run.log_path, dict(row, linear_top5=top5))
         print(f"linear probe on frozen {args.linear_features} features: linear_top1 "
               f"{100 * top1:.2f}% linear_top5 {100 * top5:.2f}% (val)", flush=True)  # fmt: skip
 
@@ -823,13 +808,17 @@ def checkpoint(run, stopped=False):
     if not bool(torch.isfinite(run.bank.vectors).all()):
         raise FloatingPointError(f"non-finite memory bank after step {run.step}; nothing saved")
     parts = ("optimizer", "scheduler", "scaler", "bank")
-    state = dict(model=run.raw_model.state_dict(), **{p: getattr(run, p).state_dict() for p in parts},
-                 cluster_labels=run.cluster_labels, num_train=run.n_train, classes=run.train_set.classes,
-                 world_size=run.world, args=vars(run.args), **{k: getattr(run, k) for k in PROGRESS})  # fmt: skip
+    state = {p: getattr(run, p).state_dict() for p in parts} | {
+        k: getattr(run, k) for k in PROGRESS
+    }
+    state.update(model=run.raw_model.state_dict(), cluster_labels=run.cluster_labels,
+                 args=vars(run.args), num_train=run.n_train, classes=run.train_set.classes,
+                 world_size=run.world)  # fmt: skip
     everywhere(run, lambda: save_checkpoint(state, run.ckpt_path), master_only=True)
     if stopped and run.master:
-        print(f"stopped by {run.stop['signal'] or 'a signal on another rank'} after step {run.step} "
-              f"(epoch {run.epoch + 1}, batch {run.batch_in_epoch}/{run.steps_in_epoch}); saved "
+        by = run.stop["signal"] or "a signal on another rank"
+        print(f"stopped by {by} after step {run.step} (epoch {run.epoch + 1}, batch "
+              f"{run.batch_in_epoch}/{run.steps_in_epoch}); saved "
               f"{run.ckpt_path}; continue with --resume", flush=True)  # fmt: skip
     return not stopped
 
@@ -886,7 +875,7 @@ def set_up(args, ddp, rank, world, device):
     train_set, train_eval_set, val_set = load_datasets(args, rank, world)
     n_train = len(train_set)
     note = fit_defaults_to_data(args, n_train, world)
-    check_sizes(args, n_train, world)
+    check_args(args, world, n_train)
     if rank == 0 and note:
         print(note, flush=True)
     if rank == 0:
@@ -894,26 +883,34 @@ def set_up(args, ddp, rank, world, device):
     run = build_step_state(args, device, n_train, resolve_precision(args.precision, device))
     local_batch = args.batch_size // world
     sampler = EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=False)
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals)  # fmt: skip
+    loader_kw = dict(
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+        worker_init_fn=ignore_stop_signals,
+    )
     # App. D drops the LR "once learning converged, defined as no improvement in validation loss
     # for 10 epochs".  Val images have no bank row, so no loss; like the IR/LA code we watch val
     # knn_top1 (mode "max").  The third plateau stops training.
-    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        run.optimizer, "max", args.lr_factor, args.patience, threshold=0.0, threshold_mode="abs")  # fmt: skip
+    plateau = dict(
+        factor=args.lr_factor, patience=args.patience, threshold=0.0, threshold_mode="abs"
+    )
+    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer, "max", **plateau)
+    val_share = Subset(val_set, range(rank, len(val_set), world))  # each val image counted once
+    la_warmup = 10 if args.la_warmup_epochs is None else args.la_warmup_epochs  # App. D
     vars(run).update(
         ddp=ddp, rank=rank, world=world, n_train=n_train, num_classes=len(train_set.classes),
-        local_batch=local_batch, train_set=train_set, train_eval_set=train_eval_set, val_set=val_set,
-        sampler=sampler, loader_kw=loader_kw, defaults_note=note,
+        local_batch=local_batch, train_set=train_set, train_eval_set=train_eval_set,
+        val_set=val_set, sampler=sampler, loader_kw=loader_kw, defaults_note=note,
         train_labels=torch.tensor(train_set.targets, device=device),  # kNN evaluation ONLY
-        # drop_last=False: the last, smaller batch updates its bank rows too (each M[i] once per epoch)
+        # drop_last=False: the last, smaller batch updates its bank rows too (each M[i] once)
         train_loader=DataLoader(train_set, local_batch, sampler=sampler, **loader_kw),
-        # rank r evaluates val images r, r+W, ...: no padding, each counted once
-        val_loader=DataLoader(Subset(val_set, range(rank, len(val_set), world)), local_batch, **loader_kw),
-        warmup=0 if not LOSSES[args.algo].kmeans or args.init_from else (
-            10 if args.la_warmup_epochs is None else args.la_warmup_epochs),
-        ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), log_path=os.path.join(args.out_dir, "log.jsonl"),
-        cpu_group=dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None)  # fmt: skip
+        val_loader=DataLoader(val_share, local_batch, **loader_kw),
+        warmup=la_warmup if LOSSES[args.algo].kmeans and not args.init_from else 0,
+        ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
+        log_path=os.path.join(args.out_dir, "log.jsonl"),
+        cpu_group=dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None,
+    )  # fmt: skip
     return run
 
 
@@ -923,22 +920,19 @@ def check_out_dir(path):
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
-        raise UserError(
-            f"--out-dir {path!r} is not a writable folder ({err.strerror or err})"
-        ) from err
+        why = err.strerror or err
+        raise UserError(f"--out-dir {path!r} is not a writable folder ({why})") from err
 
 
 def kmeans_device_warning(args, device, num_points):
     """LA on a GPU with a faiss without GPU support: say at start, once, that k-means runs on the
     CPU, and how big it is.  True if it warned."""
-    loss = LOSSES[args.algo]
-    return loss.kmeans and warn_if_kmeans_on_cpu(
-        device, num_points, args.kmeans_k, args.n_kmeans, dim=args.dim
-    )
+    size = (num_points, args.kmeans_k, args.n_kmeans)
+    return LOSSES[args.algo].kmeans and warn_if_kmeans_on_cpu(device, *size, dim=args.dim)
 
 
 def check_same_run(ckpt, run):
-    """--resume continues the same run: algorithm, model size, clusterings, train set, world size."""
+    """--resume continues the same run: algorithm, model size, clusterings, train set, ranks."""
     args, saved = run.args, ckpt["args"]
     names = ["algo", "dim"] + (["kmeans_k", "n_kmeans"] if LOSSES[args.algo].kmeans else [])
     differ = [n for n in names if saved.get(n) != getattr(args, n)]
@@ -951,8 +945,9 @@ def check_same_run(ckpt, run):
         raise UserError(f"--resume: {run.ckpt_path} is another run's checkpoint: it has "
                         f"{', '.join(then)}; this run has {', '.join(now)}")  # fmt: skip
     if ckpt["batch_in_epoch"] and ckpt["world_size"] != run.world:
-        raise UserError(f"--resume: {run.ckpt_path} was saved mid-epoch by {ckpt['world_size']} "
-                        f"processes; the sampler's split depends on it: resume with as many")  # fmt: skip
+        saved_by = f"{ckpt['world_size']} processes"
+        raise UserError(f"--resume: {run.ckpt_path} was saved mid-epoch by {saved_by}; the "
+                        "sampler's split depends on it: resume with as many")  # fmt: skip
 
 
 def resume(run):
@@ -975,14 +970,13 @@ def resume(run):
     else:
         everywhere(run, lambda: check_fresh(run), master_only=True)
     if args.init_from:
-        everywhere(
-            run, lambda: ckpt.update(load_checkpoint(args.init_from, "--init-from", run.device))
-        )
+        read = lambda: ckpt.update(load_checkpoint(args.init_from, "--init-from", run.device))  # noqa: E731
+        everywhere(run, read)
         got = (ckpt["args"]["algo"], ckpt["num_train"], ckpt["args"]["dim"])
         if got != ("ir", run.n_train, args.dim):
-            raise UserError(f"--init-from {args.init_from}: need an IR checkpoint of these {run.n_train} "
-                            f"images with --dim {args.dim}, got --algo {got[0]} on {got[1]} images with "
-                            f"--dim {got[2]}")  # fmt: skip
+            need = f"need an IR checkpoint of these {run.n_train} images with --dim {args.dim}"
+            got = f"--algo {got[0]} on {got[1]} images with --dim {got[2]}"
+            raise UserError(f"--init-from {args.init_from}: {need}, got {got}")
         run.raw_model.load_state_dict(ckpt["model"])  # App. D: "initialize ResNet and the memory
         run.bank.load_state_dict(ckpt["bank"])  # bank using 10 epochs of IR"
         run.init_epoch = ckpt["epoch"]
@@ -992,7 +986,8 @@ def resume(run):
     if not args.resume:
         row = dict(vars(args), kind="config", world_size=run.world, num_train=run.n_train,
                    num_val=len(run.val_set), num_classes=run.num_classes, precision=run.precision,
-                   la_warmup_epochs=run.warmup, init_epoch=run.init_epoch, defaults_note=run.defaults_note)  # fmt: skip
+                   la_warmup_epochs=run.warmup, init_epoch=run.init_epoch,
+                   defaults_note=run.defaults_note)  # fmt: skip
         everywhere(run, lambda: append_log(run.log_path, row), master_only=True)
 
 
@@ -1060,12 +1055,12 @@ def command_line(argv=None):
 # are drawn as "read off", never matched.
 # fmt: off
 PAPER_FIGURE2 = {
-    "a": [("IR (init.)", 9, 0.082), ("IR (cont.)", 79, 0.234), ("BALL", 79, 0.26), ("ANN", 78, 0.272),
-          ("LA", 79, 0.286)],
-    "b": [("IR (all)", 85, 0.24), ("IR (crop)", 96, 0.167), ("IR (flip)", 44, 0.022), ("IR (None)", 23, 0.02),
-          ("IR (grayscale)", 22, 0.013)],
-    "c": [("IR (m=0)", 95, 0.245), ("IR (m=0.1)", 99, 0.247), ("IR (m=0.3)", 99, 0.247), ("IR (m=0.5)", 86, 0.24),
-          ("IR (m=0.7)", 99, 0.23), ("IR (m=0.9)", 99, 0.198)],
+    "a": [("IR (init.)", 9, 0.082), ("IR (cont.)", 79, 0.234), ("BALL", 79, 0.26),
+          ("ANN", 78, 0.272), ("LA", 79, 0.286)],
+    "b": [("IR (all)", 85, 0.24), ("IR (crop)", 96, 0.167), ("IR (flip)", 44, 0.022),
+          ("IR (None)", 23, 0.02), ("IR (grayscale)", 22, 0.013)],
+    "c": [("IR (m=0)", 95, 0.245), ("IR (m=0.1)", 99, 0.247), ("IR (m=0.3)", 99, 0.247),
+          ("IR (m=0.5)", 86, 0.24), ("IR (m=0.7)", 99, 0.23), ("IR (m=0.9)", 99, 0.198)],
 }
 # fmt: on
 
@@ -1161,7 +1156,7 @@ def plot_logs(paths, out_path, paper=False):
 # -----------------------------------------------------------------------------
 def make_toy_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=4, size=32, seed=0):
     """A tiny ImageFolder of PNGs (demo, tests, smoke runs).  Class c: stripes at angle c*180/C
-    degrees; phase, frequency, colours and noise vary per image, so the class is a matter of shape."""
+    degrees; phase, frequency, colours and noise vary per image: the class is a matter of shape."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     for c in range(num_classes):
@@ -1182,35 +1177,29 @@ def make_toy_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=
 
 def demo(epochs=6):
     """IR, BALL, ANN and LA, 6 CPU epochs each on 64 generated 32x32 images (about a minute)."""
+    flags = f"--device cpu --image-size 32 --batch-size 8 --epochs {epochs} --k-background 32 "
+    flags += "--knn-k 10 --workers 0 --log-every 1000 --eval-linear"
+    la = " --la-warmup-epochs 2 --kmeans-k 8 --n-kmeans 2"
+    table = [f"algo | loss ep1 | loss ep{epochs} | best kNN top-1 | linear top-1 | images/s"]
     with tempfile.TemporaryDirectory() as tmp:
         data = make_toy_imagefolder(os.path.join(tmp, "data"), 4, 16, 8)
-        print(
-            f"demo: 4 classes x 16 train / 8 val generated 32x32 images; {epochs} CPU epochs each"
-        )
-        table = []
         for algo, loss in LOSSES.items():
-            out, la = (
-                os.path.join(tmp, algo),
-                ["--la-warmup-epochs", "2", "--kmeans-k", "8", "--n-kmeans", "2"],
+            out = os.path.join(tmp, algo)
+            main(
+                ["--data", data, "--out-dir", out, "--algo", algo]
+                + (flags + la * loss.kmeans).split()
             )
-            main(["--data", data, "--out-dir", out, "--algo", algo, "--device", "cpu", "--image-size",
-                  "32", "--batch-size", "8", "--epochs", str(epochs), "--k-background", "32",
-                  "--knn-k", "10", "--workers", "0", "--log-every", "1000", "--eval-linear"]
-                 + la * loss.kmeans)  # fmt: skip
             rows = read_log(os.path.join(out, "log.jsonl"))
             ep, lin = ([r for r in rows if r.get("kind") == k] for k in ("epoch", "linear"))
-            ips = sum(r["images_per_s"] for r in ep) / len(ep)
-            best = max(r["knn_top1"] for r in ep)
+            best, ips = max(r["knn_top1"] for r in ep), sum(r["images_per_s"] for r in ep) / len(ep)
+            l0, l1, top1 = ep[0]["train_loss"], ep[-1]["train_loss"], lin[-1]["linear_top1"]
             table.append(
-                (algo, ep[0]["train_loss"], ep[-1]["train_loss"], best, lin[-1]["linear_top1"], ips)
+                f"{algo:4s} | {l0:8.3f} | {l1:8.3f} | {best:14.1%} | {top1:12.1%} | {ips:8.1f}"
             )
-        print(f"\nalgo | loss ep1 | loss ep{epochs} | best kNN top-1 | linear top-1 | images/s")
-        for algo, l0, l1, knn, lin, ips in table:
-            print(
-                f"{algo:4s} | {l0:8.3f} | {l1:8.3f} | {100 * knn:13.1f}% | {100 * lin:11.1f}% | {ips:8.1f}"
-            )
-        print("chance: 25% (4 classes, 32 val images).  LA's first 2 epochs are IR (its warm-up).\n"
-              "Losses of different algorithms differ in scale.  Toy data: the pipeline, not Figure 2.")  # fmt: skip
+    print(f"\ndemo: 4 classes x 16 train / 8 val generated 32x32 images, {epochs} CPU epochs each:")
+    print("\n".join(table))
+    print("chance: 25% (4 classes, 32 val images); LA's first 2 epochs are IR (its warm-up);")
+    print("losses of different algorithms differ in scale.  Toy data: the pipeline, not Fig. 2.")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ N_TRAIN = N_CLASSES * TRAIN_PER_CLASS  # 48 bank rows
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """ResNet-18 on 32x32 images is faster on one thread than on two busy ones; restore afterwards."""
+    """ResNet-18 on 32x32 images is faster on one thread than on two busy ones; restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -116,7 +116,7 @@ def test_one_epoch_of_each_algorithm(data, tmp_path, algo):
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 0, N_TRAIN // 16)
     bank = ckpt["bank"]["vectors"]
-    # Every one of the 48 rows received its Eq. 7 update (a row never updated keeps its random start),
+    # Every one of the 48 rows received its Eq. 7 update (a row never updated keeps its start),
     # and rows stay unit vectors.
     initial = MemoryBank(N_TRAIN, 128, seed=0).vectors
     assert bool((bank != initial).any(dim=1).all())
@@ -233,7 +233,7 @@ def test_linear_probe_separates_separable_features():
     "n,world,batch", [(45, 2, 4), (48, 2, 4), (7, 3, 2), (50, 3, 5), (11, 4, 1)]
 )
 def test_padded_mask_leaves_every_index_updated_exactly_once(n, world, batch):
-    """DistributedSampler repeats up to world-1 indices; the mask must drop exactly those repeats."""
+    """DistributedSampler repeats up to world-1 indices; the mask drops exactly those repeats."""
     kept, dropped = [], 0
     for rank in range(world):
         sampler = torch.utils.data.DistributedSampler(
@@ -254,9 +254,9 @@ def test_padded_mask_leaves_every_index_updated_exactly_once(n, world, batch):
 # LA: clustering each epoch, warm-up, --init-from; resume is exact.
 # -----------------------------------------------------------------------------
 def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(data, tmp_path):
-    """LA with 1 warm-up epoch of IR.  Run A: 3 epochs straight.  Run B: 1 epoch, resume to 2, resume
-    to 3.  B must hold exactly A's bank, model and cluster labels; epoch 2's labels must be the k-means
-    of the bank that epoch 1 left (seed + 1000 * epoch)."""
+    """LA with 1 warm-up epoch of IR.  Run A: 3 epochs straight.  Run B: 1 epoch, resume to 2,
+    resume to 3.  B must hold exactly A's bank, model and cluster labels; epoch 2's labels must be
+    the k-means of the bank that epoch 1 left (seed + 1000 * epoch)."""
     la = ["--la-warmup-epochs", "1"]
     it.main(argv(data, tmp_path / "A", "la", 3, 16, *la))
     b = tmp_path / "B"
@@ -300,7 +300,7 @@ def test_la_init_from_ir_checkpoint_clusters_the_ir_bank(data, tmp_path):
 
 
 def test_lr_drops_twice_on_plateaus_then_stops(data, tmp_path):
-    """--patience 1, --lr-factor 0.1: the kNN metric on 16 val images plateaus quickly; the LR must go
+    """--patience 1, --lr-factor 0.1: the kNN metric on 16 val images plateaus quickly; the LR goes
     0.03 -> 0.003 -> 0.0003 and training must stop at the next plateau (App. D), before --epochs."""
     out = tmp_path / "p"
     it.main(argv(data, out, "ir", 30, 16, "--patience", "1"))
@@ -351,8 +351,8 @@ def straight_ir(data, tmp_path_factory):
 def run_and_signal(cmd, trigger, sig):
     """Start cmd in a process group of its own; when a line of its output starts with `trigger`,
     send `sig` to the whole group, as SLURM's scancel and Ctrl-C do.  Returns (status, output)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), start_new_session=True, **pipes)
     lines = []
     try:
         for line in proc.stdout:
@@ -394,7 +394,7 @@ def test_signal_to_the_process_group_with_workers_saves_and_resume_replays_the_r
 
 def test_fp16_resumes_a_run_saved_without_fp16(ir_checkpoint, data, tmp_path, monkeypatch):
     """Item 5: a run saved with a disabled GradScaler (state {}) resumed with an enabled one, as
-    --precision fp16 (or auto on a GPU without bf16) does.  The CPU's scaler stands in for CUDA's."""
+    --precision fp16 (or auto on a GPU without bf16) does; the CPU's scaler stands in for CUDA's."""
     out = tmp_path / "ir"
     shutil.copytree(ir_checkpoint, out)
     assert load_ckpt(out)["scaler"] == {}
@@ -488,7 +488,12 @@ sys.path.insert(0, {repo!r})
 import imagenet_train as it, memory_bank
 rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 spy = dict(kmeans=[], counts=None, gathered=[], ddp=None)
-update, kmeans, ddp, gather = memory_bank.MemoryBank.update, it.run_kmeans, it.DDP, it.gather_to_rank0
+update, kmeans = memory_bank.MemoryBank.update, it.run_kmeans
+ddp, gather = it.DDP, it.gather_to_rank0
+
+def spy_kmeans(*args, **kw):
+    spy["kmeans"].append((kw["clusterings"], kw["threads"]))
+    return kmeans(*args, **kw)
 
 def counting_update(bank, indices, vectors, alpha, renormalize=True):
     spy["bank"] = bank
@@ -507,7 +512,7 @@ def full_disk(state, path):
     raise OSError(28, "No space left on device")
 
 memory_bank.MemoryBank.update = counting_update
-it.run_kmeans = lambda *a, **k: spy["kmeans"].append((k["clusterings"], k["threads"])) or kmeans(*a, **k)
+it.run_kmeans = spy_kmeans
 it.DDP = lambda *a, **k: spy.update(ddp=k) or ddp(*a, **k)
 it.gather_to_rank0 = spy_gather
 if os.environ.get("FAIL_SAVE_ON_RANK_0") and rank == 0:
@@ -596,8 +601,9 @@ def test_srun_launch_and_a_rank_0_failure_ends_every_rank(data, tmp_path):
     port, out = str(free_port()), tmp_path / "out"
     procs = []
     for rank in range(2):
-        env = dict(subprocess_env(), SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAIL_SAVE_ON_RANK_0="1", SPY_DIR=str(tmp_path))  # fmt: skip
+        slurm = dict(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+        spy = dict(FAIL_SAVE_ON_RANK_0="1", SPY_DIR=str(tmp_path))
+        env = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **slurm, **spy)
         cmd = [sys.executable, str(tmp_path / "spy.py"), *argv(data, out, "ir", 2, 16)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
@@ -809,7 +815,7 @@ def ir_checkpoint(data, tmp_path_factory):
 
 
 def _truncated_png(root):
-    """A PNG whose header is intact (it passes the start-up header check) but whose pixels are cut off."""
+    """A PNG whose header is intact (it passes the start-up check) but whose pixels are cut off."""
     path = os.path.join(root, "train", "class_02", "train_2_000.png")
     with open(path, "rb") as f:
         head = f.read(120)
@@ -892,7 +898,7 @@ def test_user_errors_are_one_line_with_exit_status_2(
     data, ir_checkpoint, tmp_path, capsys, monkeypatch, case
 ):
     damage, extra, message = USER_ERRORS[case]
-    # After a worker's exception, torch's DataLoader waits this long (5 s) for the worker to exit when
+    # After a worker's exception, torch's DataLoader waits this long (5 s) for the worker to exit
     # it is collected; shorten it here so the wait does not land in the test time.
     monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2, raising=False)
     root = tmp_path / "d"
@@ -935,7 +941,7 @@ def test_command_line_process_exits_2_without_traceback_and_bugs_keep_theirs(tmp
     assert (
         res.stderr == f"imagenet_train.py: error: --data '{tmp_path / 'none'}': folder not found\n"
     )
-    # A ValueError that is not a UserError is a bug: command_line lets it through with its traceback.
+    # A ValueError that is not a UserError is a bug: command_line lets it through with a traceback.
     monkeypatch.setattr(
         it, "check_args", lambda args, world: (_ for _ in ()).throw(ValueError("a bug"))
     )
