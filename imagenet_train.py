@@ -437,7 +437,7 @@ class Run:
         fp32 = precision == "fp32"
         self.amp_ctx = contextlib.nullcontext() if fp32 else torch.autocast("cuda", dtype=half)
         self.phase, self.cluster_labels = args.algo, None  # this epoch's loss; Eq. 8's [H, N]
-        self.ddp, self.rank, self.world, self.cpu_group = False, 0, 1, None  # set_up: distributed
+        self.ddp, self.rank, self.world = False, 0, 1  # set_up: distributed
         self.n_train = self.num_classes = self.local_batch = self.steps_in_epoch = 0  # set_up: data
         self.train_set = self.train_eval_set = self.val_set = self.sampler = self.loader_kw = None
         self.train_loader = self.val_loader = self.train_labels = self.scheduler = None
@@ -608,13 +608,15 @@ def setup_distributed(device_flag, timeout_min=30.0):
     if not all(n in env for n in names):
         return False, 0, 0, 1, torch.device(flag)
     rank, local_rank, world = (int(env[n]) for n in names)
-    device = torch.device("cuda", local_rank) if flag.startswith("cuda") else torch.device("cpu")
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if flag.startswith("cuda"):  # srun --gpus-per-task=1 shows each task one GPU
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     # A rank that waits longer than this in a collective fails: 30 minutes, well above a step or
     # one rank's share of LA's k-means, far below a hang of hours.
     timeout = datetime.timedelta(minutes=timeout_min)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # CPU tensors (the bank's indices, the stop flag) go over gloo: no wait for the GPU.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return True, rank, local_rank, world, device
 
@@ -680,7 +682,7 @@ def stop_requested(run):
     on the CPU (gloo), which never waits for the device; all ranks stop after the same step."""
     flag = torch.tensor([int(run.stop["signal"] is not None)])
     if run.ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.cpu_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
 
 
@@ -909,7 +911,6 @@ def set_up(args, ddp, rank, world, device):
         warmup=la_warmup if LOSSES[args.algo].kmeans and not args.init_from else 0,
         ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
         log_path=os.path.join(args.out_dir, "log.jsonl"),
-        cpu_group=dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None,
     )  # fmt: skip
     return run
 
@@ -1013,7 +1014,9 @@ def main(argv=None):
     check_args(args, 1)
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic)
+    # warn_only: CUDA has no deterministic AdaptiveAvgPool2d backward, whose 1x1 output adds one
+    # term per input, so its atomics cannot reorder a sum.
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     ddp, rank, _, world, device = setup_distributed(args.device, args.timeout_min)
     old_handlers = {}
     try:
