@@ -4,9 +4,11 @@ Figure 2 of the paper compares views (panel b), losses (a) and the bank's update
 by the weighted kNN of Wu et al. (2018) on learned features.  Before a miniature of it means
 anything, two questions need numbers on the same data split and the same kNN protocol:
 
-  * What does a representation have to beat?  (a) the raw pixels, (b) a randomly initialized
-    ResNet-18 of the trainer's shape (ImageNet stem), (c) the same with the small-image stem
-    (3x3 stride-1 first convolution, no max-pool), and (d) a supervised ceiling.
+  * What does a representation have to beat?  (a) the pixels, raw and standardized per pixel
+    (the weighted kNN's exp(cos / tau) hardly ranks the crowded cosines of all-positive vectors),
+    (b) a randomly initialized ResNet-18 of the trainer's shape (ImageNet stem), (c) the same with
+    the small-image stem (3x3 stride-1 first convolution, no max-pool), and (d) supervised
+    ceilings: a linear probe on the pixels and, with --sup-epochs, a ResNet-18 trained on labels.
   * What does a training step cost on one CPU thread?  (--throughput: ResNet-18, IR loss of
     Eq. 6 against a memory bank of Eq. 7, for each image size, stem and batch size.)
 
