@@ -28,9 +28,11 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gzip
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -67,7 +69,11 @@ SPLITS, AUGMENTATIONS = ("train", "val"), ("crop", "gray", "jitter", "flip")
 APP_D_DATA_SIZED = {"batch_size": 256, "k_background": 4096, "kmeans_k": 30000, "knn_k": 200}
 # fmt: off
 SETTINGS = [
-    ("--data", str, None, None, "ImageFolder root: train/CLASS/*.jpg and val/CLASS/*.jpg"),
+    ("--data", str, None, None, "ImageFolder root: train/CLASS/*.jpg and val/CLASS/*.jpg "
+     "(--dataset fashion-mnist: default /usr/share/datasets/fashion-mnist)"),
+    ("--dataset", ("imagefolder", "fashion-mnist"), "imagefolder", None, "--data holds an "
+     "ImageFolder, or Fashion-MNIST's IDX .gz files (apt-get install dataset-fashion-mnist) or "
+     "torchvision's FashionMNIST/raw/ (download=True); the training labels serve kNN/linear only"),
     ("--out-dir", str, "runs/default", None, "where ckpt.pt and log.jsonl go (rank 0 writes)"),
     ("--algo", ("ir", "ball", "ann", "la"), "ir", None, "ir: Eq. 6, the whole bank; ball: Def. "
      "5.2 (negatives: background set B_i); ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8"),
@@ -286,25 +292,67 @@ def to_device_input(images, device, mem_fmt=torch.contiguous_format):
 _MEAN_STD = {}
 
 
-class IndexedImageFolder(ImageFolder):
-    """ImageFolder returning (view, target, i), i being the row M[i] of Eq. 6-7 (files are sorted:
-    every rank and restart numbers them alike).  For a key (epoch, i) the view's randomness comes
-    from (view_seed, epoch, i) alone, so a resumed run sees the same views with any worker count."""
+class Views:
+    """A dataset's item for key i or (epoch, i): (view, target, i), i being the row M[i] of Eq. 6-7.
+    For (epoch, i) the view's randomness comes from (view_seed, epoch, i) alone, so a resumed run
+    sees the same views with any number of workers."""
 
     view_seed = 0
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        path, target = self.samples[index]
-        try:
-            image = self.loader(path)
-        except Exception as err:  # a header that passed the check, pixels that do not decode
-            raise UserError(f"--data: unreadable image {path} ({_why(err)})") from err
+        image, target = self.image(index)
         if epoch is None:
             return self.transform(image), target, index
         with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's RNG
             torch.manual_seed(hash((self.view_seed, epoch, index)))  # int hashes: same everywhere
             return self.transform(image), target, index
+
+
+class IndexedImageFolder(Views, ImageFolder):
+    """ImageFolder sorts its files: every rank and restart numbers the images alike."""
+
+    def image(self, index):
+        path, target = self.samples[index]
+        try:
+            return self.loader(path), target
+        except Exception as err:  # a header that passed the check, pixels that do not decode
+            raise UserError(f"--data: unreadable image {path} ({_why(err)})") from err
+
+
+class IndexedFashionMNIST(Views, torchvision.datasets.FashionMNIST):
+    """Fashion-MNIST through torchvision, which reads ROOT/FashionMNIST/raw/ (uncompressed IDX)."""
+
+    raw_folder = property(lambda self: os.path.join(self.root, "FashionMNIST", "raw"))
+
+    def image(self, index):  # 28x28 grayscale as RGB: the views and the network take 3 channels
+        return Image.fromarray(self.data[index].numpy()).convert("RGB"), int(self.targets[index])
+
+
+def fashion_mnist_root(data):
+    """torchvision's root for --data: the folder itself if it holds FashionMNIST/raw/ (torchvision's
+    download=True made it), else a cache to which the four .gz files there (the Debian package
+    dataset-fashion-mnist, in /usr/share/datasets/fashion-mnist) are decompressed once."""
+    if os.path.isdir(os.path.join(data, "FashionMNIST", "raw")):
+        return data
+    parts = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
+    names = [f"{p}-ubyte" for p in parts]
+    if not all(os.path.isfile(os.path.join(data, n + ".gz")) for n in names):
+        apt = "apt-get install dataset-fashion-mnist (--data /usr/share/datasets/fashion-mnist)"
+        tv = "torchvision.datasets.FashionMNIST(ROOT, download=True) (--data ROOT)"
+        raise UserError(f"--data {data!r}: no Fashion-MNIST files ({names[0]}.gz and three more); "
+                        f"get them with {apt} or {tv}")  # fmt: skip
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    root = os.path.join(cache, "imagenet_train", os.path.abspath(data).strip("/").replace("/", "_"))
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for name in names:
+        if not os.path.isfile(os.path.join(raw, name)):  # write beside, then rename: ranks may race
+            tmp = os.path.join(raw, f"{name}.{os.getpid()}")
+            with gzip.open(os.path.join(data, name + ".gz")) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, os.path.join(raw, name))
+    return root
 
 
 class EpochSampler(DistributedSampler):
@@ -325,8 +373,22 @@ def ignore_stop_signals(_worker_id):
 
 def load_datasets(args, rank=0, world=1):
     """Check --data (UserErrors naming the path) and return (train, train_eval, val): train with
-    random views, train_eval (the same files, test view) for the linear probe, val."""
-    root = args.data
+    random views, train_eval (the same images, test view) for the linear probe, val."""
+    keep = {k: not (getattr(args, f"no_{k}") or args.no_aug) for k in AUGMENTATIONS}
+    views = train_transform(args.image_size, **keep, crop_min_scale=args.crop_min_scale,
+                            jitter_strength=args.jitter)  # fmt: skip
+    test = test_transform(args.image_size)
+    if args.dataset == "fashion-mnist":
+        root = fashion_mnist_root(args.data)
+        train, val = (IndexedFashionMNIST(root, t, tf) for t, tf in ((True, views), (False, test)))
+    else:
+        train, val = image_folders(args.data, views, test, rank, world, not args.no_image_check)
+    train.view_seed, train_eval = args.seed, copy.copy(train)  # same file list, no second scan
+    train_eval.transform = val.transform
+    return train, train_eval, val
+
+
+def image_folders(root, views, test, rank, world, check_images):
     if not os.path.isdir(root):
         raise UserError(f"--data {root!r}: folder not found")
     for split in ("train", "val"):
@@ -342,19 +404,12 @@ def load_datasets(args, rank=0, world=1):
         differ = f"only in train {only_t[:5]}, only in val {only_v[:5]}"
         counts = f"{len(only_t)} and {len(only_v)} in all"
         raise UserError(f"--data: train/ and val/ class folders differ: {differ} ({counts})")
-    keep = {k: not (getattr(args, f"no_{k}") or args.no_aug) for k in AUGMENTATIONS}
-    views = train_transform(args.image_size, **keep, crop_min_scale=args.crop_min_scale,
-                            jitter_strength=args.jitter)  # fmt: skip
     try:
         train = IndexedImageFolder(os.path.join(root, "train"), transform=views)
-        val = IndexedImageFolder(
-            os.path.join(root, "val"), transform=test_transform(args.image_size)
-        )
+        val = IndexedImageFolder(os.path.join(root, "val"), transform=test)
     except FileNotFoundError as err:  # a class folder without any image file
         raise UserError(f"--data: {err}") from err
-    train.view_seed, train_eval = args.seed, copy.copy(train)  # same file list, no second scan
-    train_eval.transform = val.transform
-    if not args.no_image_check:  # open each header (no decode): a broken file stops us now, named
+    if check_images:  # open each header (no decode): a broken file stops us now, named
         with ThreadPoolExecutor(16) as pool:
             paths = [p for p, _ in train.samples + val.samples][rank::world]
             found = [next((b for b in pool.map(_bad_image, paths) if b), None)]
@@ -364,7 +419,7 @@ def load_datasets(args, rank=0, world=1):
             found = [b for b in gathered if b] or [None]
         if found[0]:
             raise UserError(f"--data: unreadable image {found[0]}")
-    return train, train_eval, val
+    return train, val
 
 
 def _bad_image(path):
@@ -904,7 +959,7 @@ def set_up(args, ddp, rank, world, device):
         ddp=ddp, rank=rank, world=world, n_train=n_train, num_classes=len(train_set.classes),
         local_batch=local_batch, train_set=train_set, train_eval_set=train_eval_set,
         val_set=val_set, sampler=sampler, loader_kw=loader_kw, defaults_note=note,
-        train_labels=torch.tensor(train_set.targets, device=device),  # kNN evaluation ONLY
+        train_labels=torch.as_tensor(train_set.targets).to(device),  # kNN evaluation ONLY
         # drop_last=False: the last, smaller batch updates its bank rows too (each M[i] once)
         train_loader=DataLoader(train_set, local_batch, sampler=sampler, **loader_kw),
         val_loader=DataLoader(val_share, local_batch, **loader_kw),
@@ -1007,6 +1062,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.plot:
         return plot_logs(args.plot, args.plot_out, paper=args.plot_paper)
+    if args.data is None and args.dataset == "fashion-mnist":
+        args.data = "/usr/share/datasets/fashion-mnist"  # the Debian package dataset-fashion-mnist
     if args.data is None:
         raise UserError(
             "--data is required (an ImageFolder root with train/ and val/); no arguments: a demo"

@@ -8,6 +8,7 @@ things only a real process can show (--help, SIGTERM, torchrun with two ranks) u
 
 import datetime
 import gc
+import gzip
 import inspect
 import json
 import math
@@ -16,9 +17,11 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torchvision import transforms
@@ -617,6 +620,69 @@ def test_srun_launch_and_a_rank_0_failure_ends_every_rank(data, tmp_path):
         -2000:
     ]
     assert "epoch 1 done" in out0 and rows(out, "config")[0]["world_size"] == 2
+
+
+# -----------------------------------------------------------------------------
+# Fashion-MNIST through --dataset (issue 17), and the small-image stem.
+# -----------------------------------------------------------------------------
+def write_idx_gz(folder, prefix, images, labels):
+    """Two of the four files of the Debian package dataset-fashion-mnist, in its gzip IDX format."""
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_flag_reads_the_packaged_gzip_files_and_trains(tmp_path, monkeypatch, capsys):
+    """--dataset fashion-mnist reads gzip IDX files, as the Debian package installs them, through
+    torchvision (decompressed into a cache); two epochs of IR train on 40 tiny images with the
+    small stem.  A folder without the files is a one-line error naming both ways to get them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng, data = np.random.default_rng(0), tmp_path / "fmnist"
+    data.mkdir()
+    written = {}
+    for prefix, n in (("train", 40), ("t10k", 12)):
+        labels, images = np.arange(n) % 4, rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, :, 7 * c : 7 * c + 7] += 150  # class c: a bright vertical band at 7c
+        write_idx_gz(data, prefix, images, labels)
+        written[prefix] = images
+    out, flags = tmp_path / "out", ["--dataset", "fashion-mnist", "--stem", "small"]
+    it.main(argv(data, out, "ir", 2, 8, *flags))
+    epochs, (cfg,) = rows(out, "epoch"), rows(out, "config")
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(
+        math.isfinite(r["train_loss"]) for r in epochs
+    )
+    assert (cfg["num_train"], cfg["num_val"], cfg["num_classes"], cfg["stem"]) == (
+        40,
+        12,
+        10,
+        "small",
+    )
+    assert load_ckpt(out)["bank"]["vectors"].shape == (40, 128)
+    args = it.build_parser().parse_args(argv(data, out, "ir", 1, 8, *flags))
+    train, _, val = it.load_datasets(args)
+    assert torch.equal(train.data, torch.from_numpy(written["train"].astype(np.uint8)))
+    assert val.targets.tolist() == (np.arange(12) % 4).tolist()
+    assert train[(0, 3)][0].shape == (3, 32, 32) and train[(0, 3)][0].dtype == torch.uint8
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert it.command_line(argv(empty, tmp_path / "o2", "ir", 1, 8, *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Fashion-MNIST files" in err
+    assert "apt-get install dataset-fashion-mnist" in err and "download=True" in err
+
+
+def test_small_stem_keeps_a_32_px_image_at_32x32_into_layer1():
+    sizes = {}
+    for stem in ("imagenet", "small"):
+        model = it.ResNetEmbedding(16, stem).eval()
+        hook = lambda m, i, o, stem=stem: sizes.__setitem__(stem, tuple(o.shape[-2:]))  # noqa: E731
+        model.net.layer1.register_forward_hook(hook)
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    assert sizes == {"imagenet": (8, 8), "small": (32, 32)}
 
 
 # -----------------------------------------------------------------------------
