@@ -26,9 +26,10 @@ benchmark each run in fresh processes, so a CUDA error in one cannot poison the 
   resume fp16        a bf16 run resumed with --precision fp16 (its empty GradScaler state): one more
                      epoch, with a GradScaler that ran (CUDA)
   torchrun           torchrun --nproc_per_node 1: LA's warm-up epoch, then an LA epoch
-  ddp                torchrun --nproc_per_node 2 over NCCL (>= 2 GPUs; gloo on the CPU): after steps
-                     on different data the ranks hold identical banks and weights, every rank's rows
-                     were written, and (CUDA) the step made no host synchronisation
+  ddp                torchrun --nproc_per_node 2, the trainer's process group (NCCL for CUDA tensors
+                     on >= 2 GPUs; gloo on the CPU): after steps on different data the ranks hold
+                     identical banks and weights, exactly every rank's rows were written (sampler
+                     padding skipped), and (CUDA) the step made no host synchronisation
   benchmark          tests/bench_trainer.py --part step: IR and LA images/s at 224 px, batch 256,
                      bf16, a 1,281,167-row bank, peak GPU memory, one k-means; fails below IR_FLOOR
                      images/s on an H100 or H200
