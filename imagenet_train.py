@@ -152,9 +152,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(
-        description="IR / BALL / ANN / LA (Section 5.3, Figure 2, App. D); no arguments: a demo"
-    )
+    p = _Parser(description="IR, BALL, ANN, LA (Section 5.3, Fig. 2, App. D); no arguments: a demo")
     for flag, kind, default, _, text in SETTINGS:
         text += "" if default is None else f" (default: {default})"
         if kind is bool:
@@ -239,9 +237,8 @@ def fit_defaults_to_data(args, n_train, world):
         if getattr(args, name) is None:
             setattr(args, name, min(app_d, largest.get(name, n_train)))
             if getattr(args, name) < app_d and name in used:
-                lowered.append(
-                    f"--{name.replace('_', '-')} {getattr(args, name)} (App. D: {app_d})"
-                )
+                flag = "--" + name.replace("_", "-")
+                lowered.append(f"{flag} {getattr(args, name)} (App. D: {app_d})")
     if loss.kmeans and args.kmeans_k == n_train and any(s[2:8] == "kmeans" for s in lowered):
         lowered.append("so every image is its own cluster and LA trains as BALL (Thm. 5.4)")
     text = f"defaults lowered to fit the {n_train} train images (pass a flag to choose): "
@@ -281,9 +278,7 @@ def to_device_input(images, device, mem_fmt=torch.contiguous_format):
     """uint8 [B, 3, H, W] from the loader -> the network's input, ImageNet-normalised float on
     `device`: a quarter of float32's bytes cross from the workers, and the device normalises."""
     if device not in _MEAN_STD:  # once per device: a host-to-device copy waits for the device
-        _MEAN_STD[device] = [
-            torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in MEAN_STD
-        ]
+        _MEAN_STD[device] = [torch.tensor(v, device=device)[:, None, None] * 255 for v in MEAN_STD]
     mean, std = _MEAN_STD[device]
     x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
     return x.contiguous(memory_format=mem_fmt)
@@ -393,9 +388,7 @@ def image_folders(root, views, test, rank, world, check_images):
         raise UserError(f"--data {root!r}: folder not found")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
-            raise UserError(
-                f"--data {root!r} has no {split}/ folder (expected {split}/CLASS/IMAGE)"
-            )
+            raise UserError(f"--data {root!r} has no {split}/ folder (expected {split}/CLASS/*)")
     t, v = (sorted(e.name for e in os.scandir(os.path.join(root, s)) if e.is_dir()) for s in SPLITS)
     if not t:
         raise UserError(f"--data: {os.path.join(root, 'train')} is empty (no class folders)")
@@ -618,11 +611,8 @@ def end_of_epoch(run, meter):
         dist.all_reduce(totals)
         for buf in run.raw_model.buffers():  # BatchNorm statistics: evaluate and save rank 0's
             dist.broadcast(buf, src=0)
-    train_s, lr_used, knn = (
-        time.time() - meter["t0"],
-        run.optimizer.param_groups[0]["lr"],
-        knn_top1(run),
-    )
+    train_s, knn = time.time() - meter["t0"], knn_top1(run)
+    lr_used = run.optimizer.param_groups[0]["lr"]
     if run.epoch >= run.warmup:  # the rule starts with the algorithm itself, not LA's warm-up
         run.scheduler.step(knn)
         if run.optimizer.param_groups[0]["lr"] < lr_used:
@@ -693,9 +683,8 @@ def mark_padding(run, first_local_position, idx):
     """idx with the padding repeats marked -1, which MemoryBank.update skips; on the CPU."""
     if not run.ddp:
         return idx
-    return idx.masked_fill(
-        padded_mask(first_local_position, len(idx), run.rank, run.world, run.n_train), -1
-    )
+    padded = padded_mask(first_local_position, len(idx), run.rank, run.world, run.n_train)
+    return idx.masked_fill(padded, -1)
 
 
 def everywhere(run, work, master_only=False):
@@ -773,10 +762,8 @@ def knn_top1(run):
     for images, targets, _ in run.val_loader:
         with run.amp_ctx:
             z = run.raw_model(to_device_input(images, run.device, run.mem_fmt))
-        a = run.args
-        pred = knn_predict(
-            z, run.bank.vectors, run.train_labels, run.num_classes, a.knn_k, a.knn_tau
-        )
+        vote = (run.train_labels, run.num_classes, run.args.knn_k, run.args.knn_tau)
+        pred = knn_predict(z, run.bank.vectors, *vote)
         counts[0] += (pred == targets.to(run.device)).sum()
         counts[1] += len(targets)
     run.raw_model.train()
@@ -940,18 +927,12 @@ def set_up(args, ddp, rank, world, device):
     run = build_step_state(args, device, n_train, resolve_precision(args.precision, device))
     local_batch = args.batch_size // world
     sampler = EpochSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=False)
-    loader_kw = dict(
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-        worker_init_fn=ignore_stop_signals,
-    )
+    workers = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
+    loader_kw = dict(workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     # App. D drops the LR "once learning converged, defined as no improvement in validation loss
     # for 10 epochs".  Val images have no bank row, so no loss; like the IR/LA code we watch val
     # knn_top1 (mode "max").  The third plateau stops training.
-    plateau = dict(
-        factor=args.lr_factor, patience=args.patience, threshold=0.0, threshold_mode="abs"
-    )
+    plateau = dict(factor=args.lr_factor, patience=args.patience, threshold=0, threshold_mode="abs")
     run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer, "max", **plateau)
     val_share = Subset(val_set, range(rank, len(val_set), world))  # each val image counted once
     la_warmup = 10 if args.la_warmup_epochs is None else args.la_warmup_epochs  # App. D
@@ -1065,9 +1046,7 @@ def main(argv=None):
     if args.data is None and args.dataset == "fashion-mnist":
         args.data = "/usr/share/datasets/fashion-mnist"  # the Debian package dataset-fashion-mnist
     if args.data is None:
-        raise UserError(
-            "--data is required (an ImageFolder root with train/ and val/); no arguments: a demo"
-        )
+        raise UserError("--data is required (an ImageFolder root with train/ and val/)")
     check_args(args, 1)
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = not args.deterministic
@@ -1100,9 +1079,8 @@ def command_line(argv=None):
         if "Original Traceback" in text:  # raised in a DataLoader worker: ours is the last line
             text = text.splitlines()[-1].split("UserError: ", 1)[-1]
         tag = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(
-            f"imagenet_train.py: error: {tag}{' '.join(text.split())}", file=sys.stderr, flush=True
-        )
+        text = f"imagenet_train.py: error: {tag}{' '.join(text.split())}"
+        print(text, file=sys.stderr, flush=True)
         return 2
     return 0
 
@@ -1131,13 +1109,9 @@ def view_name(cfg):
     off = [k for k in augs if cfg.get(f"no_{k}")]
     if cfg.get("no_aug"):
         return "none"
-    return (
-        f"{(set(augs) - set(off)).pop()} only"
-        if len(off) == 3
-        else "no " + "+".join(off)
-        if off
-        else "all"
-    )
+    if len(off) == 3:
+        return f"{(set(augs) - set(off)).pop()} only"
+    return "no " + "+".join(off) if off else "all"
 
 
 PANELS = [  # (title, which runs, label); the paper's settings are alpha 0.5 (App. D) and all views
@@ -1158,9 +1132,8 @@ def read_run(path):
     knn = max((r["knn_top1"] for r in epochs), default=float("nan"))
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     linear = lin[-1]["linear_top1"] if lin else float("nan")
-    return dict(
-        cfg=cfg, epochs=epochs, shift=cfg.get("init_epoch") or 0, knn=knn, linear=linear, name=name
-    )
+    shift = cfg.get("init_epoch") or 0
+    return dict(cfg=cfg, epochs=epochs, shift=shift, knn=knn, linear=linear, name=name)
 
 
 def plot_logs(paths, out_path, paper=False):
@@ -1179,10 +1152,8 @@ def plot_logs(paths, out_path, paper=False):
         chosen = sorted((r for r in runs if keep(r["cfg"])), key=lambda r, f=label: f(r["cfg"]))
         plotted[title] = [(label(r["cfg"]), r["knn"], r["linear"]) for r in chosen]
         for r in chosen:
-            x, y = (
-                [e["epoch"] + r["shift"] for e in r["epochs"]],
-                [e["knn_top1"] for e in r["epochs"]],
-            )
+            x = [e["epoch"] + r["shift"] for e in r["epochs"]]
+            y = [e["knn_top1"] for e in r["epochs"]]
             (line,) = ax.plot(x, y, lw=1.3, label=f"{label(r['cfg'])} ({r['name']})")
             if not math.isnan(r["linear"]):
                 ax.plot(
