@@ -10,7 +10,7 @@ bank update rates alpha (Eq. 7).  Each setting is a flag; Appendix D's values ar
     python imagenet_train.py --data $D --algo la --init-from runs/ir_init/ckpt.pt --out-dir runs/la
     python imagenet_train.py --data $D --no-gray --no-jitter --no-flip --out-dir runs/crop   # 2b
     python imagenet_train.py --data $D --alpha 0.9 --out-dir runs/m0.9                       # 2c
-    python imagenet_train.py --plot runs/*/log.jsonl --plot-paper --plot-out fig2.png
+    python tests/plot_figure2.py runs/*/log.jsonl --paper --out fig2.png     # Figure 2
     torchrun --nproc_per_node 8 imagenet_train.py ...    # or srun: see setup_distributed
     python imagenet_train.py                             # a one-minute demo on the CPU
 
@@ -20,7 +20,7 @@ against the bank; drives the LR rule) and linear_top1/5 (--eval-linear: a linear
 features, Figure 2's "transfer task").  Class labels serve only these two.
 
 Layout, after nanoGPT's train.py: settings, the LOSSES table, data, model, state, the step and the
-epoch loop, distributed helpers, evaluation, checkpoints, set-up and main, then --plot and the demo.
+epoch loop, distributed helpers, evaluation, checkpoints, set-up and main, then the demo.
 A mistake in the flags or the data is a UserError: one line `imagenet_train.py: error: ...`, exit 2.
 """
 
@@ -123,8 +123,6 @@ SETTINGS = [
     ("--deterministic", bool, False, None, "deterministic kernels, no cudnn.benchmark (on CUDA "
      "also export CUBLAS_WORKSPACE_CONFIG=:4096:8)"),
     ("--timeout-min", float, 30.0, "> 0", "minutes a rank waits in a collective before failing"),
-    ("--plot-out", str, "fig2.png", None, "image written by --plot"),
-    ("--plot-paper", bool, False, None, "--plot: also mark the values read off the paper's Fig. 2"),
 ]
 # fmt: on
 
@@ -160,7 +158,6 @@ def build_parser():
         else:
             typed = dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
             p.add_argument(flag, default=default, help=text, **typed)
-    p.add_argument("--plot", nargs="+", metavar="LOG", help="draw Figure 2 from log.jsonl files")
     return p
 
 
@@ -309,10 +306,7 @@ class IndexedImageFolder(Views, ImageFolder):
 
     def image(self, index):
         path, target = self.samples[index]
-        try:
-            return self.loader(path), target
-        except Exception as err:  # a header that passed the check, pixels that do not decode
-            raise UserError(f"--data: unreadable image {path} ({_why(err)})") from err
+        return open_image(path), target
 
 
 class IndexedFashionMNIST(Views, torchvision.datasets.FashionMNIST):
@@ -366,7 +360,7 @@ def ignore_stop_signals(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def load_datasets(args, rank=0, world=1):
+def load_datasets(args):
     """Check --data (UserErrors naming the path) and return (train, train_eval, val): train with
     random views, train_eval (the same images, test view) for the linear probe, val."""
     keep = {k: not (getattr(args, f"no_{k}") or args.no_aug) for k in AUGMENTATIONS}
@@ -377,13 +371,13 @@ def load_datasets(args, rank=0, world=1):
         root = fashion_mnist_root(args.data)
         train, val = (IndexedFashionMNIST(root, t, tf) for t, tf in ((True, views), (False, test)))
     else:
-        train, val = image_folders(args.data, views, test, rank, world, not args.no_image_check)
+        train, val = image_folders(args.data, views, test)
     train.view_seed, train_eval = args.seed, copy.copy(train)  # same file list, no second scan
     train_eval.transform = val.transform
     return train, train_eval, val
 
 
-def image_folders(root, views, test, rank, world, check_images):
+def image_folders(root, views, test):
     if not os.path.isdir(root):
         raise UserError(f"--data {root!r}: folder not found")
     for split in ("train", "val"):
@@ -395,35 +389,23 @@ def image_folders(root, views, test, rank, world, check_images):
     if t != v:
         only_t, only_v = sorted(set(t) - set(v)), sorted(set(v) - set(t))
         differ = f"only in train {only_t[:5]}, only in val {only_v[:5]}"
-        counts = f"{len(only_t)} and {len(only_v)} in all"
-        raise UserError(f"--data: train/ and val/ class folders differ: {differ} ({counts})")
+        raise UserError(f"--data: train/ and val/ class folders differ: {differ}")
     try:
         train = IndexedImageFolder(os.path.join(root, "train"), transform=views)
         val = IndexedImageFolder(os.path.join(root, "val"), transform=test)
     except FileNotFoundError as err:  # a class folder without any image file
         raise UserError(f"--data: {err}") from err
-    if check_images:  # open each header (no decode): a broken file stops us now, named
-        with ThreadPoolExecutor(16) as pool:
-            paths = [p for p, _ in train.samples + val.samples][rank::world]
-            found = [next((b for b in pool.map(_bad_image, paths) if b), None)]
-        if dist.is_initialized():  # every rank raises the same error
-            gathered = [None] * world
-            dist.all_gather_object(gathered, found[0])
-            found = [b for b in gathered if b] or [None]
-        if found[0]:
-            raise UserError(f"--data: unreadable image {found[0]}")
     return train, val
 
 
-def _bad_image(path):
+def open_image(path, decode=True):
+    """An RGB image, or with decode=False a check of its header only: a UserError names a file
+    that PIL cannot open (set_up checks every header before training) or decode."""
     try:
-        Image.open(path).close()  # reads the header only
+        image = Image.open(path)
+        return image.convert("RGB") if decode else image.close()
     except Exception as err:
-        return f"{path} ({_why(err)})"
-
-
-def _why(err):
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise UserError(f"--data: unreadable image {path} ({type(err).__name__}: {err})") from err
 
 
 # -----------------------------------------------------------------------------
@@ -551,7 +533,8 @@ def train(run):
         for b, (images, _, idx) in enumerate(run.train_loader, start=run.batch_in_epoch):
             images = to_device_input(images, run.device, run.mem_fmt)
             try:
-                loss = train_step(run, images, idx, mark_padding(run, b * run.local_batch, idx))
+                pad = padded_mask(b * run.local_batch, len(idx), run.rank, run.world, run.n_train)
+                loss = train_step(run, images, idx, idx.masked_fill(pad, -1))
             except Exception:  # NaN weights make the next loss refuse z: name the first bad step
                 check_finite(run)
                 raise
@@ -586,7 +569,10 @@ def cluster_bank(run):
     joins them."""
     args, t0, mine = run.args, time.time(), list(range(run.rank, run.args.n_kmeans, run.world))
     labels = torch.full((args.n_kmeans, run.n_train), -1, dtype=torch.long)
-    seed, threads = args.seed + 1000 * run.epoch, cores_per_process()
+    # faiss threads: this process's share of the cores it may use (torchrun sets OMP to 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    seed = args.seed + 1000 * run.epoch
 
     def work():
         if mine:
@@ -666,25 +652,12 @@ def setup_distributed(device_flag, timeout_min=30.0):
     return True, rank, local_rank, world, device
 
 
-def cores_per_process():
-    """The CPU cores this process may use: its affinity mask, shared by torchrun's local ranks."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def padded_mask(first_local_position, count, rank, world, n):
     """Which of this rank's next `count` samples are DistributedSampler padding: it pads the list
     to a multiple of W by repeating its first entries and deals rank r positions r, r+W, ...;
-    positions >= n are repeats; they train but leave the bank alone (one Eq. 7 per row, epoch)."""
+    positions >= n are repeats; they train but leave the bank alone (one Eq. 7 per row, epoch):
+    train marks them -1, which MemoryBank.update skips."""
     return (rank + (first_local_position + torch.arange(count)) * world) >= n
-
-
-def mark_padding(run, first_local_position, idx):
-    """idx with the padding repeats marked -1, which MemoryBank.update skips; on the CPU."""
-    if not run.ddp:
-        return idx
-    padded = padded_mask(first_local_position, len(idx), run.rank, run.world, run.n_train)
-    return idx.masked_fill(padded, -1)
 
 
 def everywhere(run, work, master_only=False):
@@ -894,18 +867,8 @@ def append_log(path, row):
 
 
 def read_log(path):
-    try:
-        with open(path) as f:
-            lines = f.readlines()
-    except OSError as err:
-        raise UserError(f"--plot: cannot read {path} ({err.strerror or err})") from err
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError as err:
-            raise UserError(f"--plot: {path} line {number} is not JSON ({err.msg})") from err
-    return rows
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # -----------------------------------------------------------------------------
@@ -915,8 +878,12 @@ def set_up(args, ddp, rank, world, device):
     """--out-dir, the data (every bad-input error is raised here, before training), data-sized
     defaults, model, SGD, the LR rule, bank and loaders: the Run."""
     ranks = SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0)  # no Run yet
-    everywhere(ranks, lambda: check_out_dir(args.out_dir), master_only=True)
-    train_set, train_eval_set, val_set = load_datasets(args, rank, world)
+    everywhere(ranks, lambda: check_out_dir(args), master_only=True)
+    train_set, train_eval_set, val_set = load_datasets(args)
+    if args.dataset == "imagefolder" and not args.no_image_check:  # each rank its share
+        paths = [p for p, _ in train_set.samples + val_set.samples][rank::world]
+        with ThreadPoolExecutor(16) as pool:  # header reads wait on the disk, not the CPU
+            everywhere(ranks, lambda: list(pool.map(lambda p: open_image(p, False), paths)))
     n_train = len(train_set)
     note = fit_defaults_to_data(args, n_train, world)
     check_args(args, world, n_train)
@@ -951,14 +918,18 @@ def set_up(args, ddp, rank, world, device):
     return run
 
 
-def check_out_dir(path):
-    """Create --out-dir and prove it writable now, not at the first checkpoint an epoch later."""
+def check_out_dir(args):
+    """Create --out-dir and prove it writable now, not at the first checkpoint an epoch later;
+    a new run does not overwrite a checkpoint."""
     try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        os.makedirs(args.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir).close()
     except OSError as err:
-        why = err.strerror or err
-        raise UserError(f"--out-dir {path!r} is not a writable folder ({why})") from err
+        why = f"is not a writable folder ({err.strerror or err})"
+        raise UserError(f"--out-dir {args.out_dir!r} {why}") from err
+    if not args.resume and os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
+        raise UserError(f"--out-dir {args.out_dir} already holds ckpt.pt: pass --resume to "
+                        "continue it, or choose another --out-dir")  # fmt: skip
 
 
 def kmeans_device_warning(args, device, num_points):
@@ -1004,8 +975,6 @@ def resume(run):
         if run.master:
             print(f"resumed {run.ckpt_path}: epoch {run.epoch} batch {run.batch_in_epoch} step "
                   f"{run.step} best knn_top1 {run.best_knn:.4f}", flush=True)  # fmt: skip
-    else:
-        everywhere(run, lambda: check_fresh(run), master_only=True)
     if args.init_from:
         read = lambda: ckpt.update(load_checkpoint(args.init_from, "--init-from", run.device))  # noqa: E731
         everywhere(run, read)
@@ -1028,21 +997,13 @@ def resume(run):
         everywhere(run, lambda: append_log(run.log_path, row), master_only=True)
 
 
-def check_fresh(run):
-    if os.path.exists(run.ckpt_path):
-        raise UserError(f"--out-dir {run.args.out_dir} already holds ckpt.pt: pass --resume to "
-                        "continue it, or choose another --out-dir")  # fmt: skip
-
-
 def main(argv=None):
-    """The demo (no arguments), --plot, or training: set_up, resume, train, after_training.  A
+    """The demo (no arguments) or training: set_up, resume, train, after_training.  A
     mistake in the flags or data raises UserError (command_line: one line, exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         return demo()
     args = build_parser().parse_args(argv)
-    if args.plot:
-        return plot_logs(args.plot, args.plot_out, paper=args.plot_paper)
     if args.data is None and args.dataset == "fashion-mnist":
         args.data = "/usr/share/datasets/fashion-mnist"  # the Debian package dataset-fashion-mnist
     if args.data is None:
@@ -1083,103 +1044,6 @@ def command_line(argv=None):
         print(text, file=sys.stderr, flush=True)
         return 2
     return 0
-
-
-# -----------------------------------------------------------------------------
-# --plot: Figure 2's three panels, accuracy per epoch, one curve per run.
-# -----------------------------------------------------------------------------
-# Read off the paper's Figure 2 by eye (no table in the paper): (label, last epoch drawn, accuracy
-# there), to about +-0.005 and +-2 epochs.  The paper does not say which accuracy it plots, so these
-# are drawn as "read off", never matched.
-# fmt: off
-PAPER_FIGURE2 = {
-    "a": [("IR (init.)", 9, 0.082), ("IR (cont.)", 79, 0.234), ("BALL", 79, 0.26),
-          ("ANN", 78, 0.272), ("LA", 79, 0.286)],
-    "b": [("IR (all)", 85, 0.24), ("IR (crop)", 96, 0.167), ("IR (flip)", 44, 0.022),
-          ("IR (None)", 23, 0.02), ("IR (grayscale)", 22, 0.013)],
-    "c": [("IR (m=0)", 95, 0.245), ("IR (m=0.1)", 99, 0.247), ("IR (m=0.3)", 99, 0.247),
-          ("IR (m=0.5)", 86, 0.24), ("IR (m=0.7)", 99, 0.23), ("IR (m=0.9)", 99, 0.198)],
-}
-# fmt: on
-
-
-def view_name(cfg):
-    """'all', 'none', 'crop only' (Figure 2b's 'IR (crop)'), or the lesions, e.g. 'no crop'."""
-    augs = ("crop", "gray", "jitter", "flip")
-    off = [k for k in augs if cfg.get(f"no_{k}")]
-    if cfg.get("no_aug"):
-        return "none"
-    if len(off) == 3:
-        return f"{(set(augs) - set(off)).pop()} only"
-    return "no " + "+".join(off) if off else "all"
-
-
-PANELS = [  # (title, which runs, label); the paper's settings are alpha 0.5 (App. D) and all views
-    ("(a) algorithm (all views)", lambda c: view_name(c) == "all",
-     lambda c: c["algo"] + ("" if c["alpha"] == 0.5 else f" a={c['alpha']}")),
-    ("(b) IR view set", lambda c: c["algo"] == "ir", view_name),
-    ("(c) IR memory update rate alpha (m)", lambda c: c["algo"] == "ir" and view_name(c) == "all",
-     lambda c: f"{c['alpha']:g}"),
-]  # fmt: skip
-
-
-def read_run(path):
-    rows = read_log(path)
-    cfg = next((r for r in rows if r.get("kind") == "config"), None)
-    if cfg is None:
-        raise UserError(f"--plot: {path} has no config row; is it a log.jsonl of this script?")
-    epochs, lin = ([r for r in rows if r.get("kind") == k] for k in ("epoch", "linear"))
-    knn = max((r["knn_top1"] for r in epochs), default=float("nan"))
-    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    linear = lin[-1]["linear_top1"] if lin else float("nan")
-    shift = cfg.get("init_epoch") or 0
-    return dict(cfg=cfg, epochs=epochs, shift=shift, knn=knn, linear=linear, name=name)
-
-
-def plot_logs(paths, out_path, paper=False):
-    """Figure 2 from log.jsonl files: knn_top1 per epoch, one curve per run, in PANELS.  A run
-    started --init-from is shifted right by its IR start's epochs (as in Fig. 2a).  A run's
-    linear_top1 is a star at its last epoch; paper=True adds PAPER_FIGURE2 as hollow markers.
-    Returns {panel: [(label, best knn_top1, linear_top1 or nan)]}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs, plotted = [read_run(path) for path in paths], {}
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
-    for ax, (title, keep, label), key in zip(axes, PANELS, "abc", strict=True):
-        chosen = sorted((r for r in runs if keep(r["cfg"])), key=lambda r, f=label: f(r["cfg"]))
-        plotted[title] = [(label(r["cfg"]), r["knn"], r["linear"]) for r in chosen]
-        for r in chosen:
-            x = [e["epoch"] + r["shift"] for e in r["epochs"]]
-            y = [e["knn_top1"] for e in r["epochs"]]
-            (line,) = ax.plot(x, y, lw=1.3, label=f"{label(r['cfg'])} ({r['name']})")
-            if not math.isnan(r["linear"]):
-                ax.plot(
-                    [x[-1] if x else r["shift"]], [r["linear"]], "*", ms=12, color=line.get_color()
-                )
-        for name, epoch, acc in PAPER_FIGURE2[key] if paper else []:
-            ax.plot([epoch], [acc], "o", mfc="none", mec="0.35", ms=7)
-            ax.annotate(name, (epoch, acc), xytext=(4, 2), textcoords="offset points", fontsize=7)
-        ax.set(title=title, xlabel="epoch", ylabel="top-1 accuracy (val)")
-        keys = [
-            ("-", "", "kNN top-1 per epoch (curves)"),
-            ("", "*", "linear top-1, frozen features"),
-        ]
-        keys += [("", "o", "read off the paper's Fig. 2")] * paper
-        legend = [
-            plt.Line2D([], [], ls=ls, marker=m, color="k", mfc="none", label=t) for ls, m, t in keys
-        ]
-        ax.legend(handles=ax.get_legend_handles_labels()[0] + legend, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    for title, entries in plotted.items():
-        for run_label, knn, lin in entries:
-            print(f"{title[:3]} {run_label:22s} best knn_top1 {knn:.4f} linear_top1 {lin:.4f}")
-    print(f"wrote {out_path}")
-    return plotted
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 import numpy as np
+import plot_figure2
 import pytest
 import torch
 from torchvision import transforms
@@ -790,7 +791,7 @@ def test_existing_checkpoint_needs_resume_and_init_from_needs_an_ir_checkpoint(d
 
 
 # -----------------------------------------------------------------------------
-# --help, --plot, --benchmark.
+# --help; Figure 2 (tests/plot_figure2.py).
 # -----------------------------------------------------------------------------
 def test_help_lists_the_paper_flags():
     res = subprocess.run(
@@ -818,7 +819,6 @@ def test_help_lists_the_paper_flags():
         "--no-aug",
         "--eval-linear",
         "--resume",
-        "--plot",
         "App. D",
         "Eq. 7",
     ):
@@ -850,7 +850,7 @@ def test_plot_groups_runs_into_figure_2_panels(tmp_path):
         log("ir_none", "ir", lesion="aug", knn=0.02),
     ]
     out = tmp_path / "fig.png"
-    panels = it.main(["--plot", *paths, "--plot-out", str(out)])
+    panels = plot_figure2.plot_logs(paths, str(out))
     assert out.stat().st_size > 10_000
     a, b, c = (panels[t] for t in sorted(panels))
     assert [x[0] for x in a] == [
@@ -865,7 +865,7 @@ def test_plot_groups_runs_into_figure_2_panels(tmp_path):
     with pytest.raises(ValueError, match="no config row"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(dict(kind="epoch", epoch=1, knn_top1=0.1)) + "\n")
-        it.plot_logs([str(bad)], str(out))
+        plot_figure2.plot_logs([str(bad)], str(out))
 
 
 # -----------------------------------------------------------------------------
@@ -982,16 +982,24 @@ def test_user_errors_are_one_line_with_exit_status_2(
     gc.collect()  # the failed run's DataLoader workers, while the short wait is in place
 
 
-def test_plot_errors_are_one_line(tmp_path, capsys):
+def test_plot_script_help_and_errors_are_one_line(tmp_path, capsys):
+    script = os.path.join(REPO, "tests", "plot_figure2.py")
+    res = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)  # fmt: skip
+    assert res.returncode == 0 and "--paper" in res.stdout and "--out" in res.stdout, res.stderr
     bad = tmp_path / "log.jsonl"
     bad.write_text('{"kind": "config"}\nnot json\n')
     for paths, message in (
-        ([str(tmp_path / "missing.jsonl")], r"--plot: cannot read .*missing\.jsonl"),
-        ([str(bad)], r"--plot: .*log\.jsonl line 2 is not JSON"),
+        ([str(tmp_path / "missing.jsonl")], r"error: cannot read .*missing\.jsonl"),
+        ([str(bad)], r"error: .*log\.jsonl line 2 is not JSON"),
     ):
-        assert it.command_line(["--plot", *paths, "--plot-out", str(tmp_path / "f.png")]) == 2
+        assert plot_figure2.main([*paths, "--out", str(tmp_path / "f.png")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and re.search(message, err), err
+    good = tmp_path / "run" / "log.jsonl"
+    good.parent.mkdir()
+    good.write_text('{"kind": "config", "algo": "ir", "alpha": 0.5}\n')
+    assert plot_figure2.main([str(good), "--paper", "--out", str(tmp_path / "f.png")]) == 0
 
 
 def test_command_line_process_exits_2_without_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
@@ -1123,7 +1131,7 @@ def test_training_stages_are_named_and_the_step_fits_a_screen():
 
 
 # -----------------------------------------------------------------------------
-# --plot: Figure 2's panels as accuracy-per-epoch curves.
+# tests/plot_figure2.py: Figure 2's panels as accuracy-per-epoch curves.
 # -----------------------------------------------------------------------------
 def test_plot_draws_accuracy_per_epoch_with_linear_and_paper_markers_apart(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
@@ -1145,7 +1153,7 @@ def test_plot_draws_accuracy_per_epoch_with_linear_and_paper_markers_apart(tmp_p
         log("ir_init", "ir", [0.01, 0.05]),
         log("la", "la", [0.10, 0.20, 0.25], init_epoch=2, linear=0.4),
     ]
-    it.plot_logs(paths, str(tmp_path / "f.png"), paper=True)
+    plot_figure2.plot_logs(paths, str(tmp_path / "f.png"), paper=True)
     (fig,) = figures
     ax_a = fig.axes[0]
     curves = {line.get_label(): line for line in ax_a.lines if line.get_linestyle() == "-"}
@@ -1165,6 +1173,6 @@ def test_plot_draws_accuracy_per_epoch_with_linear_and_paper_markers_apart(tmp_p
         for line in ax_a.lines
         if line.get_marker() == "o"
     ]
-    assert hollow == [(e, acc) for _, e, acc in it.PAPER_FIGURE2["a"]]
+    assert hollow == [(e, acc) for _, e, acc in plot_figure2.PAPER_FIGURE2["a"]]
     assert any("read off" in t.get_text() for t in ax_a.get_legend().get_texts())
     assert [ax.get_xlabel() for ax in fig.axes] == ["epoch"] * 3
