@@ -10,18 +10,15 @@ bank update rates alpha (Eq. 7).  Each setting is a flag; Appendix D's values ar
     python imagenet_train.py --data $D --algo la --init-from runs/ir_init/ckpt.pt --out-dir runs/la
     python imagenet_train.py --data $D --no-gray --no-jitter --no-flip --out-dir runs/crop   # 2b
     python imagenet_train.py --data $D --alpha 0.9 --out-dir runs/m0.9                       # 2c
-    python tests/plot_figure2.py runs/*/log.jsonl --paper --out fig2.png     # Figure 2
+    python tests/plot_figure2.py runs/*/log.jsonl --paper --out fig2.png       # the figure
     torchrun --nproc_per_node 8 imagenet_train.py ...    # or srun: see setup_distributed
     python imagenet_train.py                             # a one-minute demo on the CPU
 
 SIGTERM or Ctrl-C saves OUT_DIR/ckpt.pt after the current step; --resume continues it exactly.
 Two accuracies, never confused: knn_top1 (every epoch: weighted 200-NN of Wu et al. 2018 on val/
 against the bank; drives the LR rule) and linear_top1/5 (--eval-linear: a linear probe on frozen
-features, Figure 2's "transfer task").  Class labels serve only these two.
-
-Layout, after nanoGPT's train.py: settings, the LOSSES table, data, model, state, the step and the
-epoch loop, distributed helpers, evaluation, checkpoints, set-up and main, then the demo.
-A mistake in the flags or the data is a UserError: one line `imagenet_train.py: error: ...`, exit 2.
+features, Figure 2's "transfer task").  Class labels serve only these two.  A mistake in the
+flags or the data is a UserError: one line `imagenet_train.py: error: ...`, exit status 2.
 """
 
 import argparse
@@ -61,7 +58,6 @@ from memory_bank import MemoryBank
 # -----------------------------------------------------------------------------
 # Settings.  Appendix D's values are the defaults: (flag, type | choices | bool, default, allowed
 # range, help).  The data-sized ones (APP_D_DATA_SIZED), left unset, take min(App. D, what fits).
-# -----------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MEAN_STD = (IMAGENET_MEAN, IMAGENET_STD)
 IMAGENET_TRAIN_SIZE = 1_281_167  # bank rows for ImageNet-1k's train split
@@ -130,7 +126,6 @@ SETTINGS = [
 # The losses.  fn(z, bank, idx[, cluster_labels], tau=, **extra) is the loss to minimise; `extra`
 # names the flags passed on when set; `kmeans`: needs Eq. 8's cluster labels, new every epoch.
 # Adding a loss: a row here and its flags in SETTINGS.
-# -----------------------------------------------------------------------------
 Loss = namedtuple("Loss", "fn extra kmeans")
 LOSSES = {
     "ir": Loss(ir_loss, (), False),  # Eq. 6 over all N bank rows
@@ -244,16 +239,8 @@ def fit_defaults_to_data(args, n_train, world):
 
 # -----------------------------------------------------------------------------
 # Data: the views v(x, a) and the loaders.  Workers send uint8; the device normalises.
-# -----------------------------------------------------------------------------
-def train_transform(
-    image_size,
-    crop=True,
-    gray=True,
-    jitter=True,
-    flip=True,
-    crop_min_scale=0.2,
-    jitter_strength=0.4,
-):
+def train_transform(image_size, crop=True, gray=True, jitter=True, flip=True,
+                    crop_min_scale=0.2, jitter_strength=0.4):  # fmt: skip
     """The view set of IR and LA (Section 5.3, App. D): random resized crop, random grayscale
     (p=0.2), color jitter, horizontal flip; each flag off is a lesion of Figure 2b, all off leaves
     one view (resize, center crop).  PIL image -> uint8 tensor [3, H, W]."""
@@ -410,7 +397,6 @@ def open_image(path, decode=True):
 
 # -----------------------------------------------------------------------------
 # Model: ResNet-18 "with 128 classes" (App. D), output L2-normalised.
-# -----------------------------------------------------------------------------
 class ResNetEmbedding(nn.Module):
     """E(v(x, a)) of Eq. 6: torchvision's ResNet-18 from scratch with `dim` outputs, L2-normalised.
     Not optional: bank rows are unit vectors and exp(z.M/tau) needs cosines; an unnormalised model
@@ -453,7 +439,6 @@ def make_scaler(precision):
 # -----------------------------------------------------------------------------
 # The state of a run, declared once.  set_up fills it, the loop updates it; checkpoint() saves the
 # model, SGD, LR rule, scaler, bank, cluster labels and the PROGRESS fields.
-# -----------------------------------------------------------------------------
 PROGRESS = "epoch batch_in_epoch step best_knn lr_drops finished warmup init_epoch".split()
 
 
@@ -494,7 +479,6 @@ def build_step_state(args, device, num_rows, precision):
 
 # -----------------------------------------------------------------------------
 # The step and the epoch loop.
-# -----------------------------------------------------------------------------
 def train_step(run, images, idx, bank_idx=None):
     """z = E(v(x_i, a)); the loss against the bank as it stood BEFORE this step (M[i] holds views
     of earlier epochs); backward and SGD (DDP averages gradients); Eq. 7 for the rows bank_idx
@@ -564,9 +548,8 @@ def log_progress(run, loss, meter):
 
 def cluster_bank(run):
     """Eq. 8's close sets: H = --n-kmeans k-means of the bank as it stands.  Rank r runs clusterings
-    h = r, r+W, ... (seed + h wherever h runs, so W does not change the labels) with faiss on the
-    cores this process has; a row is -1 on the ranks that did not run it, and a MAX all-reduce
-    joins them."""
+    h = r, r+W, ... (seed + h wherever h runs, so W does not change the labels); a row is -1 on
+    the ranks that did not run it, and a MAX all-reduce joins them."""
     args, t0, mine = run.args, time.time(), list(range(run.rank, run.args.n_kmeans, run.world))
     labels = torch.full((args.n_kmeans, run.n_train), -1, dtype=torch.long)
     # faiss threads: this process's share of the cores it may use (torchrun sets OMP to 1)
@@ -619,7 +602,6 @@ def end_of_epoch(run, meter):
 
 # -----------------------------------------------------------------------------
 # Distributed: launch; padding; failures and stop signals reach every rank.
-# -----------------------------------------------------------------------------
 def setup_distributed(device_flag, timeout_min=30.0):
     """torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; `srun` alone sets SLURM_PROCID, SLURM_LOCALID,
     SLURM_NTASKS, used when RANK is absent (export MASTER_ADDR and MASTER_PORT then).  Neither:
@@ -653,10 +635,9 @@ def setup_distributed(device_flag, timeout_min=30.0):
 
 
 def padded_mask(first_local_position, count, rank, world, n):
-    """Which of this rank's next `count` samples are DistributedSampler padding: it pads the list
-    to a multiple of W by repeating its first entries and deals rank r positions r, r+W, ...;
-    positions >= n are repeats; they train but leave the bank alone (one Eq. 7 per row, epoch):
-    train marks them -1, which MemoryBank.update skips."""
+    """Which of this rank's next `count` samples are DistributedSampler's padding (it deals rank r
+    positions r, r+W, ... of a list padded with repeats to a multiple of W): they train, but train
+    marks them -1 for MemoryBank.update, so each row gets one Eq. 7 update per epoch."""
     return (rank + (first_local_position + torch.arange(count)) * world) >= n
 
 
@@ -718,7 +699,6 @@ def check_finite(run):
 
 # -----------------------------------------------------------------------------
 # Evaluation: weighted kNN against the bank (every epoch), linear probe (--eval-linear).
-# -----------------------------------------------------------------------------
 def knn_predict(z, bank_vectors, train_labels, num_classes, k=200, tau=0.07):
     """Weighted kNN (Wu et al. 2018): the k bank rows most similar to z vote for their class with
     weight exp(cos / tau).  z [B, d], bank [N, d], labels [N] -> predicted class [B]."""
@@ -800,10 +780,8 @@ def after_training(run):
     if run.finished and run.master:
         print(f"training has finished: the val knn_top1 plateaued after {args.lr_drops} LR drops "
               f"(App. D); best knn_top1 {100 * run.best_knn:.2f}%", flush=True)  # fmt: skip
-    if not args.eval_linear:
+    if not args.eval_linear:  # rank 0's BatchNorm statistics are everywhere (end_of_epoch)
         return
-    for buf in run.raw_model.buffers() if run.ddp else []:
-        dist.broadcast(buf, src=0)
     pool = args.linear_features == "pool"
     (tx, ty), (vx, vy) = extract(run, run.train_eval_set, pool), extract(run, run.val_set, pool)
     if run.master:
@@ -817,17 +795,14 @@ def after_training(run):
 
 # -----------------------------------------------------------------------------
 # Checkpoints and logs.
-# -----------------------------------------------------------------------------
 def checkpoint(run, stopped=False):
     """check_finite, then rank 0 writes OUT_DIR/ckpt.pt (an error there reaches every rank).
     Returns not stopped."""
     check_finite(run)
     if not bool(torch.isfinite(run.bank.vectors).all()):
         raise FloatingPointError(f"non-finite memory bank after step {run.step}; nothing saved")
-    parts = ("optimizer", "scheduler", "scaler", "bank")
-    state = {p: getattr(run, p).state_dict() for p in parts} | {
-        k: getattr(run, k) for k in PROGRESS
-    }
+    state = {k: getattr(run, k) for k in PROGRESS}
+    state |= {p: getattr(run, p).state_dict() for p in ("optimizer", "scheduler", "scaler", "bank")}
     state.update(model=run.raw_model.state_dict(), cluster_labels=run.cluster_labels,
                  args=vars(run.args), num_train=run.n_train, classes=run.train_set.classes,
                  world_size=run.world)  # fmt: skip
@@ -852,11 +827,9 @@ def load_checkpoint(path, flag, device):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as err:  # truncated, not a torch file: the file is at fault, not the code
-        why = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-        raise UserError(f"{flag}: cannot read {path} ({why})") from err
-    if not isinstance(ckpt, dict) or not {"model", "bank", "args", "num_train", "epoch"} <= set(
-        ckpt
-    ):
+        raise UserError(f"{flag}: cannot read {path} ({type(err).__name__}: {err})") from err
+    keys = {"model", "bank", "args", "num_train", "epoch"}
+    if not isinstance(ckpt, dict) or not keys <= ckpt.keys():
         raise UserError(f"{flag}: {path} is not a checkpoint written by imagenet_train.py")
     return ckpt
 
@@ -873,7 +846,6 @@ def read_log(path):
 
 # -----------------------------------------------------------------------------
 # Set-up, resume, main.
-# -----------------------------------------------------------------------------
 def set_up(args, ddp, rank, world, device):
     """--out-dir, the data (every bad-input error is raised here, before training), data-sized
     defaults, model, SGD, the LR rule, bank and loaders: the Run."""
@@ -1048,7 +1020,6 @@ def command_line(argv=None):
 
 # -----------------------------------------------------------------------------
 # The demo (no arguments) and its generated images.
-# -----------------------------------------------------------------------------
 def make_toy_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=4, size=32, seed=0):
     """A tiny ImageFolder of PNGs (demo, tests, smoke runs).  Class c: stripes at angle c*180/C
     degrees; phase, frequency, colours and noise vary per image: the class is a matter of shape."""
@@ -1060,9 +1031,8 @@ def make_toy_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=
             os.makedirs(os.path.join(root, split, f"class_{c:02d}"), exist_ok=True)
             for j in range(count):
                 freq, phase = rng.uniform(2.5, 4.5), rng.uniform(0, 2 * np.pi)
-                stripes = np.sin(
-                    2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase
-                )
+                wave = np.cos(angle) * xx + np.sin(angle) * yy
+                stripes = np.sin(2 * np.pi * freq * wave + phase)
                 img = np.where(stripes[..., None] > 0, rng.uniform(0, 1, 3), rng.uniform(0, 1, 3))
                 img = np.clip(img + 0.1 * rng.standard_normal((size, size, 3)), 0, 1)
                 path = os.path.join(root, split, f"class_{c:02d}", f"{split}_{c}_{j:03d}.png")
@@ -1074,16 +1044,14 @@ def demo(epochs=6):
     """IR, BALL, ANN and LA, 6 CPU epochs each on 64 generated 32x32 images (about a minute)."""
     flags = f"--device cpu --image-size 32 --batch-size 8 --epochs {epochs} --k-background 32 "
     flags += "--knn-k 10 --workers 0 --log-every 1000 --eval-linear"
-    la = " --la-warmup-epochs 2 --kmeans-k 8 --n-kmeans 2"
+    la = "--la-warmup-epochs 2 --kmeans-k 8 --n-kmeans 2"
     table = [f"algo | loss ep1 | loss ep{epochs} | best kNN top-1 | linear top-1 | images/s"]
     with tempfile.TemporaryDirectory() as tmp:
         data = make_toy_imagefolder(os.path.join(tmp, "data"), 4, 16, 8)
         for algo, loss in LOSSES.items():
             out = os.path.join(tmp, algo)
-            main(
-                ["--data", data, "--out-dir", out, "--algo", algo]
-                + (flags + la * loss.kmeans).split()
-            )
+            run = ["--data", data, "--out-dir", out, "--algo", algo] + flags.split()
+            main(run + la.split() * loss.kmeans)
             rows = read_log(os.path.join(out, "log.jsonl"))
             ep, lin = ([r for r in rows if r.get("kind") == k] for k in ("epoch", "linear"))
             best, ips = max(r["knn_top1"] for r in ep), sum(r["images_per_s"] for r in ep) / len(ep)
