@@ -211,7 +211,7 @@ def check_args(args, world, n_train=None):
 
 def largest_fitting_batch(n_train, world, image_size, cap):
     """The largest global batch <= cap that the data allows: <= N, divisible by the world size,
-    and (below 64 px) never leaving a rank a last batch of one image (see check_sizes)."""
+    and (below 64 px) never leaving a rank a last batch of one image (see check_args)."""
     for batch in range(min(cap, n_train) // world * world, 0, -world):
         if image_size >= 64 or math.ceil(n_train / world) % (batch // world) != 1:
             return batch
@@ -365,6 +365,7 @@ def load_datasets(args):
 
 
 def image_folders(root, views, test):
+    """train/ and val/ of an ImageFolder root; a UserError names what is missing or differs."""
     if not os.path.isdir(root):
         raise UserError(f"--data {root!r}: folder not found")
     for split in ("train", "val"):
@@ -935,8 +936,10 @@ def resume(run):
     or start BALL / ANN / LA from an IR checkpoint (--init-from, App. D, Fig. 2a); wrap the model
     for DDP; write a new run's config row."""
     args, ckpt = run.args, {}
+    path, flag = (run.ckpt_path, "--resume") if args.resume else (args.init_from, "--init-from")
+    if path:  # they exclude each other (check_args)
+        everywhere(run, lambda: ckpt.update(load_checkpoint(path, flag, run.device)))
     if args.resume:
-        everywhere(run, lambda: ckpt.update(load_checkpoint(run.ckpt_path, "--resume", run.device)))
         check_same_run(ckpt, run)
         run.raw_model.load_state_dict(ckpt["model"])
         for part in ("optimizer", "scheduler", "bank") + ("scaler",) * bool(ckpt["scaler"]):
@@ -948,8 +951,6 @@ def resume(run):
             print(f"resumed {run.ckpt_path}: epoch {run.epoch} batch {run.batch_in_epoch} step "
                   f"{run.step} best knn_top1 {run.best_knn:.4f}", flush=True)  # fmt: skip
     if args.init_from:
-        read = lambda: ckpt.update(load_checkpoint(args.init_from, "--init-from", run.device))  # noqa: E731
-        everywhere(run, read)
         got = (ckpt["args"]["algo"], ckpt["num_train"], ckpt["args"]["dim"])
         if got != ("ir", run.n_train, args.dim):
             need = f"need an IR checkpoint of these {run.n_train} images with --dim {args.dim}"

@@ -1035,7 +1035,7 @@ def test_largest_fitting_batch():
     assert it.largest_fitting_batch(45, 2, 64, 256) == 44  # from 64 px on, a batch of one is fine
     assert (
         it.largest_fitting_batch(7, 8, 32, 256) == 8
-    )  # fewer images than ranks: check_sizes says so
+    )  # fewer images than ranks: check_args says so
 
 
 def test_data_sized_defaults_fit_a_small_train_set_and_say_so(data, tmp_path, capsys, monkeypatch):
