@@ -67,9 +67,8 @@ APP_D_DATA_SIZED = {"batch_size": 256, "k_background": 4096, "kmeans_k": 30000, 
 SETTINGS = [
     ("--data", str, None, None, "ImageFolder root: train/CLASS/*.jpg and val/CLASS/*.jpg "
      "(--dataset fashion-mnist: default /usr/share/datasets/fashion-mnist)"),
-    ("--dataset", ("imagefolder", "fashion-mnist"), "imagefolder", None, "--data holds an "
-     "ImageFolder, or Fashion-MNIST's IDX .gz files (apt-get install dataset-fashion-mnist) or "
-     "torchvision's FashionMNIST/raw/ (download=True); the training labels serve kNN/linear only"),
+    ("--dataset", ("imagefolder", "fashion-mnist"), "imagefolder", None, "--data: an ImageFolder, "
+     "or Fashion-MNIST's .gz files (dataset-fashion-mnist) or torchvision's FashionMNIST/raw/"),
     ("--out-dir", str, "runs/default", None, "where ckpt.pt and log.jsonl go (rank 0 writes)"),
     ("--algo", ("ir", "ball", "ann", "la"), "ir", None, "ir: Eq. 6, the whole bank; ball: Def. "
      "5.2 (negatives: background set B_i); ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8"),
@@ -517,8 +516,8 @@ def train(run):
         meter = dict(loss=torch.zeros((), device=run.device), steps=0, images=0, t0=time.time())
         for b, (images, _, idx) in enumerate(run.train_loader, start=run.batch_in_epoch):
             images = to_device_input(images, run.device, run.mem_fmt)
+            pad = padded_mask(b * run.local_batch, len(idx), run.rank, run.world, run.n_train)
             try:
-                pad = padded_mask(b * run.local_batch, len(idx), run.rank, run.world, run.n_train)
                 loss = train_step(run, images, idx, idx.masked_fill(pad, -1))
             except Exception:  # NaN weights make the next loss refuse z: name the first bad step
                 check_finite(run)
