@@ -22,7 +22,6 @@ flags or the data is a UserError: one line `imagenet_train.py: error: ...`, exit
 """
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gzip
@@ -449,8 +448,7 @@ class Run:
         self.optimizer, self.scaler, self.bank = optimizer, make_scaler(precision), bank
         self.mem_fmt = memory_format_for(device)
         half = torch.bfloat16 if precision == "bf16" else torch.float16
-        fp32 = precision == "fp32"
-        self.amp_ctx = contextlib.nullcontext() if fp32 else torch.autocast("cuda", dtype=half)
+        self.amp_ctx = torch.autocast("cuda", dtype=half, enabled=precision != "fp32")
         self.phase, self.cluster_labels = args.algo, None  # this epoch's loss; Eq. 8's [H, N]
         self.ddp, self.rank, self.world = False, 0, 1  # set_up: distributed
         self.n_train = self.num_classes = self.local_batch = self.steps_in_epoch = 0  # set_up: data
@@ -925,9 +923,8 @@ def check_same_run(ckpt, run):
         raise UserError(f"--resume: {run.ckpt_path} is another run's checkpoint: it has "
                         f"{', '.join(then)}; this run has {', '.join(now)}")  # fmt: skip
     if ckpt["batch_in_epoch"] and ckpt["world_size"] != run.world:
-        saved_by = f"{ckpt['world_size']} processes"
-        raise UserError(f"--resume: {run.ckpt_path} was saved mid-epoch by {saved_by}; the "
-                        "sampler's split depends on it: resume with as many")  # fmt: skip
+        raise UserError(f"--resume: {run.ckpt_path} was saved mid-epoch by {ckpt['world_size']} "
+                        "processes; resume with as many (they split the data)")  # fmt: skip
 
 
 def resume(run):
