@@ -26,10 +26,8 @@ torchvision.datasets.FashionMNIST (never downloaded here).  Run from the reposit
 """
 
 import argparse
-import gzip
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -40,7 +38,9 @@ import torchvision
 import torchvision.transforms.functional as TF
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # for instance_disc / memory_bank (--throughput)
+sys.path.insert(0, REPO)  # for imagenet_train, instance_disc, memory_bank
+
+import imagenet_train  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -49,38 +49,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------
 # The data.
 # ----------------------------------------------------------------------------------------------
-def fashion_mnist(source_dir, cache_dir, train):
+def fashion_mnist(source_dir, train):
     """Fashion-MNIST's training (train=True, 60,000) or test (10,000) split as a torchvision
-    dataset: .data uint8 [N, 28, 28], .targets int64 [N], PIL images through [i].
-
-    source_dir holds the four .gz IDX files (apt-get install dataset-fashion-mnist puts them in
-    /usr/share/datasets/fashion-mnist/).  torchvision reads them uncompressed from
-    cache_dir/FashionMNIST/raw/, so they are decompressed there once.  Nothing is downloaded.
-    Raises FileNotFoundError (a one-line message) when a file is missing.
-    """
-    names = [
-        f"{s}-{k}-idx{d}-ubyte"
-        for s in ("train", "t10k")
-        for k, d in (("images", 3), ("labels", 1))
-    ]
-    raw = os.path.join(cache_dir, "FashionMNIST", "raw")
-    todo = [n for n in names if not os.path.isfile(os.path.join(raw, n))]
-    missing = [n + ".gz" for n in todo if not os.path.isfile(os.path.join(source_dir, n + ".gz"))]
-    if missing:
-        raise FileNotFoundError(
-            f"Fashion-MNIST: {', '.join(missing)} not in {source_dir}; get the files with "
-            f"`apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_DIR}), or with "
-            f"torchvision.datasets.FashionMNIST(ROOT, download=True) and --cache ROOT"
-        )
-    os.makedirs(raw, exist_ok=True)
-    for name in todo:  # write to a temporary name first: an interrupted copy is never read
-        with (
-            gzip.open(os.path.join(source_dir, name + ".gz")) as f,
-            open(os.path.join(raw, name + ".part"), "wb") as g,
-        ):
-            shutil.copyfileobj(f, g)
-        os.replace(os.path.join(raw, name + ".part"), os.path.join(raw, name))
-    return torchvision.datasets.FashionMNIST(cache_dir, train=train, download=False)
+    dataset: .data uint8 [N, 28, 28], .targets int64 [N].  The files are found (and decompressed
+    once) as the trainer's --dataset fashion-mnist finds them; nothing is downloaded."""
+    root = imagenet_train.fashion_mnist_root(
+        source_dir
+    )  # UserError, one line, if files are missing
+    return torchvision.datasets.FashionMNIST(root, train=train, download=False)
 
 
 def balanced_subset(labels, n, num_classes, generator):
@@ -231,8 +207,8 @@ def train_supervised(net, x, y, epochs, batch, lr, generator):
 # The table.
 # ----------------------------------------------------------------------------------------------
 def baselines(args):
-    train = fashion_mnist(args.source, args.cache, train=True)
-    test = fashion_mnist(args.source, args.cache, train=False)
+    train = fashion_mnist(args.data, train=True)
+    test = fashion_mnist(args.data, train=False)
     g = torch.Generator().manual_seed(args.seed)
     tr = balanced_subset(train.targets, args.n_train, 10, g)
     te = balanced_subset(test.targets, args.n_test, 10, g)
@@ -375,15 +351,9 @@ def parse_args(argv=None):
         "(--throughput). Every kNN row: L2-normalized features, weighted k-NN (Wu et al. 2018).",
     )
     p.add_argument(
-        "--source",
+        "--data",
         default=FASHION_MNIST_DIR,
         help="folder with the four .gz IDX files (default: %(default)s)",
-    )
-    p.add_argument(
-        "--cache",
-        default=os.path.expanduser("~/.cache/fashion-mnist"),
-        help="torchvision root: the files are decompressed into CACHE/FashionMNIST/raw/"
-        " (default: %(default)s)",
     )
     p.add_argument(
         "--n-train",
@@ -510,7 +480,7 @@ def main(argv=None):
         return throughput(args)
     try:
         baselines(args)
-    except FileNotFoundError as err:
+    except imagenet_train.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
