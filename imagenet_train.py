@@ -399,7 +399,7 @@ def open_image(path, decode=True):
 class ResNetEmbedding(nn.Module):
     """E(v(x, a)) of Eq. 6: torchvision's ResNet-18 from scratch with `dim` outputs, L2-normalised.
     Not optional: bank rows are unit vectors and exp(z.M/tau) needs cosines; an unnormalised model
-    trains but its kNN never improves (the losses refuse non-unit z)."""
+    trains but its kNN never improves (MemoryBank.update refuses non-unit z on the CPU)."""
 
     def __init__(self, dim=128, stem="imagenet"):
         super().__init__()

@@ -99,12 +99,19 @@ def weighted_knn(query, memory, memory_labels, num_classes, k=200, tau=0.07, chu
 # The networks: the trainer's ResNet-18 with 128 outputs, either stem.
 # ----------------------------------------------------------------------------------------------
 def resnet18(stem, dim=128):
-    """torchvision's ResNet-18 with `dim` outputs; stem "small": 3x3 stride-1 conv1, no max-pool
-    (a 32-px image stays 32x32 through layer1), as CIFAR instance-discrimination models use."""
-    net = torchvision.models.resnet18(num_classes=dim)
-    if stem == "small":
-        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    return net
+    """The trainer's ResNet-18 (torchvision's, `dim` outputs, either stem), without its final
+    L2 normalization (the kNN normalizes every feature)."""
+    return imagenet_train.ResNetEmbedding(dim, stem).net
+
+
+def trained(path):
+    """The ResNet-18 of a checkpoint written by imagenet_train.py, and a name for its row."""
+    ckpt = imagenet_train.load_checkpoint(path, "--checkpoint", "cpu")
+    model = imagenet_train.ResNetEmbedding(
+        ckpt["args"]["dim"], ckpt["args"].get("stem", "imagenet")
+    )
+    model.load_state_dict(ckpt["model"])
+    return model.net, f"{ckpt['args']['algo']} epoch {ckpt['epoch']} ({path})"
 
 
 def pooled(net, x):
@@ -245,6 +252,14 @@ def baselines(args):
         z_test, f_test = encode(net, x_test, 256, f"random {stem} stem, queries")
         knn_row(f"random ResNet-18, {stem} stem, output", z_train, z_test, t0)
         knn_row(f"random ResNet-18, {stem} stem, pooled", f_train, f_test, t0)
+
+    for path in args.checkpoint:  # learned: clean features of a trained network, same protocol
+        net, name = trained(path)
+        t0 = time.time()
+        z_train, f_train = encode(net, x_train, 256, f"{name}, memory")
+        z_test, f_test = encode(net, x_test, 256, f"{name}, queries")
+        knn_row(f"{name}, output", z_train, z_test, t0)
+        knn_row(f"{name}, pooled", f_train, f_test, t0)
 
     t0 = time.time()  # (d) supervised: a linear probe on the pixels
     pred = linear_probe(train_img.flatten(1).float(), train_y, test_img.flatten(1).float(), 10)
@@ -409,6 +424,13 @@ def parse_args(argv=None):
         help="the supervised ceiling: train ResNet-18 (ImageNet stem) on the memory "
         "subset for this many epochs, then kNN on its pooled features; 0 skips it "
         "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=[],
+        help="also rows for trained networks: ckpt.pt files of imagenet_train.py (--dataset "
+        "fashion-mnist), read on clean images like the random networks",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (default: 1)")
     p.add_argument(

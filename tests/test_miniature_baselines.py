@@ -108,3 +108,23 @@ def test_weighted_knn_weights_votes_by_similarity():
     query = torch.tensor([[1.0, 0.05]])
     assert mb.weighted_knn(query, memory, labels, 2, k=3, tau=0.07)[0].item() == 0
     assert mb.weighted_knn(query, memory, labels, 2, k=3, tau=1e3)[0].item() == 1
+
+
+def test_trained_network_is_the_checkpoints_model(tmp_path):
+    """--checkpoint rows read the very weights the trainer saved (small stem included)."""
+    model = mb.imagenet_train.ResNetEmbedding(16, "small")
+    torch.nn.init.normal_(model.net.fc.weight)
+    ckpt = {
+        "model": model.state_dict(),
+        "bank": torch.zeros(4, 16),
+        "args": {"dim": 16, "stem": "small", "algo": "ir"},
+        "num_train": 4,
+        "epoch": 3,
+    }
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    net, name = mb.trained(str(tmp_path / "ckpt.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), net.eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.functional.normalize(net(x), dim=1), model(x), atol=1e-6)
+    assert isinstance(net.maxpool, torch.nn.Identity) and "ir epoch 3" in name
