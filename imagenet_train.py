@@ -27,6 +27,7 @@ import datetime
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -1012,7 +1013,19 @@ def command_line(argv=None):
         text = f"imagenet_train.py: error: {tag}{' '.join(text.split())}"
         print(text, file=sys.stderr, flush=True)
         return 2
+    finally:
+        end_stray_workers()
     return 0
+
+
+def end_stray_workers():
+    """Workers ignore SIGTERM (ignore_stop_signals).  One whose DataLoader iterator an exception's
+    traceback still holds would outlive main(), and multiprocessing's exit handler, which ends
+    daemonic children with SIGTERM, would then wait for it forever: end such workers here."""
+    for worker in multiprocessing.active_children():
+        if worker.daemon:  # DataLoader workers; torchrun and mp.spawn children are not daemonic
+            worker.kill()
+            worker.join()
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import gzip
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -979,6 +980,9 @@ def test_user_errors_are_one_line_with_exit_status_2(
     assert re.search(message, err), err
     if case not in ("resume another run", "corrupt checkpoint"):
         assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    # No worker outlives the run: they ignore SIGTERM, so one left to multiprocessing's exit
+    # handler would hang the process at exit.
+    assert not [p for p in multiprocessing.active_children() if p.daemon and p.is_alive()]
     gc.collect()  # the failed run's DataLoader workers, while the short wait is in place
 
 
