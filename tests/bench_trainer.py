@@ -54,7 +54,6 @@ import imagenet_train as it  # noqa: E402
 from local_agg import faiss_has_gpu, run_kmeans  # noqa: E402
 
 JITTER = 0.4  # App. D says "random color jitter"; 0.4 for all four is the IR / LA code's setting
-ANCHOR_MS = 7.2  # the figure for today's path on one core (another machine and JPEG)
 TARGET_MS = 4.0
 
 

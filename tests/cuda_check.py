@@ -75,7 +75,7 @@ from instance_disc import ann_loss, ball_loss, ir_loss, ir_nce_loss  # noqa: E40
 from local_agg import la_loss  # noqa: E402
 from memory_bank import MemoryBank  # noqa: E402
 
-# Issue 16's floor for IR at 224 px, batch 256, bf16, a 1,281,167-row bank, on an H200; an H100 (the
+# The floor for IR at 224 px, batch 256, bf16, a 1,281,167-row bank, on an H200; an H100 (the
 # same chip, slower memory) is held to it too.  Other GPUs: reported, not judged.
 IR_FLOOR = 4000
 FLOOR_GPUS = ("H100", "H200")
@@ -489,7 +489,7 @@ def check_resume(size, device, work, log):
 
 
 def check_resume_fp16(size, device, data, work, log):
-    """Issue 16 item 5: a bf16 run (its GradScaler disabled, saved empty) resumed with --precision
+    """A bf16 run (its GradScaler disabled, saved empty) resumed with --precision
     fp16, as `auto` would on a GPU without bf16: one more epoch, with a working GradScaler."""
     if device.type != "cuda":
         raise NotApplicable("fp16 is for CUDA")

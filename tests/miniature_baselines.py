@@ -1,4 +1,4 @@
-"""Baselines and step rates for Figure 2 in miniature on Fashion-MNIST (issue 17).
+"""Baselines and step rates for Figure 2 in miniature on Fashion-MNIST.
 
 Figure 2 of the paper compares views (panel b), losses (a) and the bank's update rate alpha (c)
 by the weighted kNN of Wu et al. (2018) on learned features.  Before a miniature of it means
@@ -361,7 +361,7 @@ def augment_rate(size, n=2000):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Figure 2 in miniature (issue 17): kNN baselines on Fashion-MNIST (raw pixels,"
+        description="Figure 2 in miniature: kNN baselines on Fashion-MNIST (raw pixels,"
         " random ResNet-18 with either stem, supervised ceilings), or ResNet-18 step rates "
         "(--throughput). Every kNN row: L2-normalized features, weighted k-NN (Wu et al. 2018).",
     )

@@ -46,7 +46,7 @@ MODULES = [infonce, vince_bound, instance_disc, local_agg]
 PUBLIC_LOSS = re.compile(r"^def ([a-z][a-z0-9_]*_(?:loss|bound))\(", re.MULTILINE)
 
 # Copy-size targets for the whole copy (the function plus the helpers its `To copy:` line names):
-# (code lines, total lines): issue 15's targets.
+# (code lines, total lines): the most a lean copy may take.
 LOSS_TARGETS = {
     "ir_loss": (10, 25),
     "ir_nce_loss": (22, 50),

@@ -625,7 +625,7 @@ def test_srun_launch_and_a_rank_0_failure_ends_every_rank(data, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST through --dataset (issue 17), and the small-image stem.
+# Fashion-MNIST through --dataset, and the small-image stem.
 # -----------------------------------------------------------------------------
 def write_idx_gz(folder, prefix, images, labels):
     """Two of the four files of the Debian package dataset-fashion-mnist, in its gzip IDX format."""
