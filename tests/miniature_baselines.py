@@ -99,25 +99,16 @@ def weighted_knn(query, memory, memory_labels, num_classes, k=200, tau=0.07, chu
 # The networks: the trainer's ResNet-18 with 128 outputs, either stem.
 # ----------------------------------------------------------------------------------------------
 def resnet18(stem, dim=128):
-    """The trainer's ResNet-18 (torchvision's, `dim` outputs, either stem), without its final
-    L2 normalization (the kNN normalizes every feature)."""
-    return imagenet_train.ResNetEmbedding(dim, stem).net
+    """The trainer's model: torchvision's ResNet-18, `dim` L2-normalized outputs, either stem."""
+    return imagenet_train.ResNetEmbedding(dim, stem)
 
 
 def trained(path):
-    """The ResNet-18 of a checkpoint written by imagenet_train.py, and a name for its row."""
+    """The model of a checkpoint written by imagenet_train.py, and a name for its row."""
     ckpt = imagenet_train.load_checkpoint(path, "--checkpoint", "cpu")
-    model = imagenet_train.ResNetEmbedding(
-        ckpt["args"]["dim"], ckpt["args"].get("stem", "imagenet")
-    )
+    model = resnet18(ckpt["args"].get("stem", "imagenet"), ckpt["args"]["dim"])
     model.load_state_dict(ckpt["model"])
-    return model.net, f"{ckpt['args']['algo']} epoch {ckpt['epoch']} ({path})"
-
-
-def pooled(net, x):
-    """The 512-d globally pooled layer4 features (the input of net.fc)."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    return torch.flatten(net.avgpool(net.layer4(net.layer3(net.layer2(net.layer1(x))))), 1)
+    return model, f"{ckpt['args']['algo']} epoch {ckpt['epoch']} ({path})"
 
 
 def to_network_input(images, image_size, center_crop):
@@ -140,9 +131,9 @@ def encode(net, x, batch, label):
     net.eval()
     outs, feats, t0 = [], [], time.time()
     for i, xb in enumerate(x.split(batch)):
-        f = pooled(net, xb)
+        f = net.features(xb)  # 512-d pooled conv5 features
         feats.append(f)
-        outs.append(net.fc(f))
+        outs.append(net.net.fc(f))  # the 128-d output before its L2 norm (the kNN normalizes)
         done = min((i + 1) * batch, len(x))
         rate = done / (time.time() - t0)
         print(
@@ -193,7 +184,7 @@ def train_supervised(net, x, y, epochs, batch, lr, generator):
             xb = x[rows]
             flip = torch.rand(len(rows), generator=generator) < 0.5
             xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
-            loss = F.cross_entropy(head(pooled(net, xb)), y[rows])
+            loss = F.cross_entropy(head(net.features(xb)), y[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -313,7 +304,7 @@ def throughput(args):
                 times = []
                 for _ in range(args.steps + 1):  # the first step warms up, untimed
                     t0 = time.perf_counter()
-                    z = F.normalize(net(x), dim=1)
+                    z = net(x)
                     loss = ir_loss(z, bank.vectors, idx, 0.07)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
