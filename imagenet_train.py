@@ -12,7 +12,7 @@ bank update rates alpha (Eq. 7).  Each setting is a flag; Appendix D's values ar
     python imagenet_train.py --data $D --alpha 0.9 --out-dir runs/m0.9                       # 2c
     python tests/plot_figure2.py runs/*/log.jsonl --paper --out fig2.png       # the figure
     torchrun --nproc_per_node 8 imagenet_train.py ...    # or srun: see setup_distributed
-    python imagenet_train.py                             # a one-minute demo on the CPU
+    python imagenet_train.py                             # the demo: each algorithm, CPU, ~30 s
 
 SIGTERM or Ctrl-C saves OUT_DIR/ckpt.pt after the current step; --resume continues it exactly.
 Two accuracies, never confused: knn_top1 (every epoch: weighted 200-NN of Wu et al. 2018 on val/
