@@ -69,6 +69,9 @@ SETTINGS = [
      "(--dataset fashion-mnist: default /usr/share/datasets/fashion-mnist)"),
     ("--dataset", ("imagefolder", "fashion-mnist"), "imagefolder", None, "--data: an ImageFolder, "
      "or Fashion-MNIST's .gz files (dataset-fashion-mnist) or torchvision's FashionMNIST/raw/"),
+    ("--train-subset", int, None, ">= 1", "train on N images, N / classes of each (drawn with "
+     "seed 0, the same for every --seed): Fig. 2 in miniature on a CPU (default: all)"),
+    ("--val-subset", int, None, ">= 1", "evaluate on N val images, class-balanced (default: all)"),
     ("--out-dir", str, "runs/default", None, "where ckpt.pt and log.jsonl go (rank 0 writes)"),
     ("--algo", ("ir", "ball", "ann", "la"), "ir", None, "ir: Eq. 6, the whole bank; ball: Def. "
      "5.2 (negatives: background set B_i); ann: Def. 5.3 (B_i minus close set C_i); la: Eq. 8"),
@@ -358,9 +361,37 @@ def load_datasets(args):
         train, val = (IndexedFashionMNIST(root, t, tf) for t, tf in ((True, views), (False, test)))
     else:
         train, val = image_folders(args.data, views, test)
+    g = torch.Generator().manual_seed(0)  # train first, then val: one split for every --seed
+    for dataset, n, flag in ((train, args.train_subset, "--train-subset"),
+                             (val, args.val_subset, "--val-subset")):  # fmt: skip
+        if n is not None:
+            keep_balanced(
+                dataset, balanced_subset(dataset.targets, n, len(dataset.classes), g, flag)
+            )
     train.view_seed, train_eval = args.seed, copy.copy(train)  # same file list, no second scan
     train_eval.transform = val.transform
     return train, train_eval, val
+
+
+def balanced_subset(labels, n, num_classes, generator, flag="n"):
+    """n indices, n / num_classes of each class, drawn without replacement; sorted."""
+    labels, per = torch.as_tensor(labels), n // num_classes
+    counts = torch.bincount(labels, minlength=num_classes)
+    if n % num_classes or per > counts.min():
+        raise UserError(f"{flag} must be a multiple of the {num_classes} classes and at most "
+                        f"{num_classes * counts.min().item()}, got {n}")  # fmt: skip
+    rows = [(labels == c).nonzero().flatten() for c in range(num_classes)]
+    picks = [r[torch.randperm(len(r), generator=generator)[:per]] for r in rows]
+    return torch.cat(picks).sort().values
+
+
+def keep_balanced(dataset, keep):
+    """Keep only the rows `keep` of a FashionMNIST or ImageFolder dataset (renumbered 0..n-1)."""
+    if hasattr(dataset, "samples"):
+        dataset.samples = dataset.imgs = [dataset.samples[i] for i in keep]
+        dataset.targets = [t for _, t in dataset.samples]
+    else:
+        dataset.data, dataset.targets = dataset.data[keep], dataset.targets[keep]
 
 
 def image_folders(root, views, test):
