@@ -59,16 +59,9 @@ def fashion_mnist(source_dir, train):
     return torchvision.datasets.FashionMNIST(root, train=train, download=False)
 
 
-def balanced_subset(labels, n, num_classes, generator):
-    """n indices, n / num_classes of each class, drawn without replacement; sorted."""
-    per = n // num_classes
-    picks = []
-    for c in range(num_classes):
-        rows = (labels == c).nonzero().flatten()
-        if len(rows) < per:
-            raise ValueError(f"class {c} has {len(rows)} images, fewer than {per}")
-        picks.append(rows[torch.randperm(len(rows), generator=generator)[:per]])
-    return torch.cat(picks).sort().values
+# The trainer's --train-subset / --val-subset draw (train first, then test, one generator): with
+# --seed 0 the table's memory and queries are the miniature runs' train and val images.
+balanced_subset = imagenet_train.balanced_subset
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ PANELS = [  # (title, which runs, label); the paper's settings are alpha 0.5 (Ap
 ]  # fmt: skip
 
 
+def seed_tag(cfg):
+    """', seed S' for a run whose --seed is not 0: runs repeated over seeds stay apart."""
+    return f", seed {cfg['seed']}" if cfg.get("seed") else ""
+
+
 def read_run(path):
     try:
         with open(path) as f:
@@ -90,11 +95,14 @@ def plot_logs(paths, out_path, paper=False):
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for ax, (title, keep, label), key in zip(axes, PANELS, "abc", strict=True):
         chosen = sorted((r for r in runs if keep(r["cfg"])), key=lambda r, f=label: f(r["cfg"]))
-        plotted[title] = [(label(r["cfg"]), r["knn"], r["linear"]) for r in chosen]
+        plotted[title] = [
+            (label(r["cfg"]) + seed_tag(r["cfg"]), r["knn"], r["linear"]) for r in chosen
+        ]
         for r in chosen:
             x = [e["epoch"] + r["shift"] for e in r["epochs"]]
             y = [e["knn_top1"] for e in r["epochs"]]
-            (line,) = ax.plot(x, y, lw=1.3, label=f"{label(r['cfg'])} ({r['name']})")
+            text = f"{label(r['cfg'])}{seed_tag(r['cfg'])} ({r['name']})"
+            (line,) = ax.plot(x, y, lw=1.3, label=text)
             if not math.isnan(r["linear"]):
                 end = x[-1] if x else r["shift"]
                 ax.plot([end], [r["linear"]], "*", ms=12, color=line.get_color())

@@ -676,6 +676,62 @@ def test_fashion_mnist_flag_reads_the_packaged_gzip_files_and_trains(tmp_path, m
     assert "apt-get install dataset-fashion-mnist" in err and "download=True" in err
 
 
+def test_subset_flags_keep_the_same_balanced_images_for_every_seed(tmp_path, monkeypatch, capsys):
+    """--train-subset / --val-subset keep n / 10 images of each class, drawn with seed 0 whatever
+    --seed is (one split for every run of the miniature); the bank has one row per kept image; a
+    size that is not a multiple of the classes, or too large, is one line naming the flag."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data, rng = tmp_path / "fmnist", np.random.default_rng(1)
+    data.mkdir()
+    for prefix, n in (("train", 60), ("t10k", 30)):
+        images = rng.integers(0, 255, (n, 28, 28))
+        images[:, 0, 0] = np.arange(n)  # pixel (0, 0) names the original row
+        write_idx_gz(data, prefix, images, np.arange(n) % 10)
+    flags = ["--dataset", "fashion-mnist", "--train-subset", "20", "--val-subset", "10"]
+    kept = {}
+    for seed in ("0", "1"):
+        args = it.build_parser().parse_args(
+            argv(data, tmp_path / "o", "ir", 1, 8, *flags, "--seed", seed)
+        )
+        train, train_eval, val = it.load_datasets(args)
+        assert torch.equal(train.targets.bincount(minlength=10), torch.full((10,), 2))
+        assert torch.equal(val.targets.bincount(minlength=10), torch.ones(10, dtype=torch.long))
+        assert torch.equal(train_eval.data, train.data)  # the probe reads the same images
+        original = train.data[:, 0, 0].long()
+        assert torch.equal(train.targets, original % 10) and len(original.unique()) == 20
+        kept[seed] = (original, val.data[:, 0, 0])
+    assert all(torch.equal(a, b) for a, b in zip(kept["0"], kept["1"], strict=True))
+    out = tmp_path / "out"
+    it.main(argv(data, out, "ir", 1, 8, *flags))
+    assert rows(out, "config")[0]["num_train"] == 20 and rows(out, "config")[0]["num_val"] == 10
+    assert load_ckpt(out)["bank"]["vectors"].shape == (20, 128)
+    for flag, value, most in (("--train-subset", "25", 60), ("--val-subset", "40", 30)):
+        bad = [*flags, flag, value]
+        assert it.command_line(argv(data, tmp_path / f"o{value}", "ir", 1, 8, *bad)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag} must be a multiple of the 10 classes" in err
+        assert f"at most {most}, got {value}" in err
+
+
+def test_subset_of_an_image_folder_renumbers_its_samples(tmp_path):
+    root = it.make_toy_imagefolder(tmp_path / "d", num_classes=4, train_per_class=5)
+    train, _ = it.image_folders(str(root), None, None)
+    keep = it.balanced_subset(train.targets, 8, 4, torch.Generator().manual_seed(0))
+    chosen = [train.samples[i] for i in keep]
+    it.keep_balanced(train, keep)
+    assert train.samples == train.imgs == chosen and len(train) == 8
+    assert train.targets == [t for _, t in chosen] and sorted(train.targets) == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+    ]
+
+
 def test_small_stem_keeps_a_32_px_image_at_32x32_into_layer1():
     sizes = {}
     for stem in ("imagenet", "small"):
