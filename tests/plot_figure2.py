@@ -91,7 +91,7 @@ def plot_logs(paths, out_path, paper=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, plotted = [read_run(path) for path in paths], {}
+    runs, plotted, lines = [read_run(path) for path in paths], {}, []
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for ax, (title, keep, label), key in zip(axes, PANELS, "abc", strict=True):
         chosen = sorted((r for r in runs if keep(r["cfg"])), key=lambda r, f=label: f(r["cfg"]))
@@ -102,6 +102,9 @@ def plot_logs(paths, out_path, paper=False):
             x = [e["epoch"] + r["shift"] for e in r["epochs"]]
             y = [e["knn_top1"] for e in r["epochs"]]
             text = f"{label(r['cfg'])}{seed_tag(r['cfg'])} ({r['name']})"
+            last = f"epoch {x[-1]} {y[-1]:.4f}" if x else "none"
+            lines.append(f"{key} {text:30s} knn_top1 best {r['knn']:.4f}, last: {last}; "
+                         f"linear_top1 {r['linear']:.4f}")  # fmt: skip
             (line,) = ax.plot(x, y, lw=1.3, label=text)
             if not math.isnan(r["linear"]):
                 end = x[-1] if x else r["shift"]
@@ -121,10 +124,7 @@ def plot_logs(paths, out_path, paper=False):
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
-    for title, entries in plotted.items():
-        for run_label, knn, lin in entries:
-            print(f"{title[:3]} {run_label:22s} best knn_top1 {knn:.4f} linear_top1 {lin:.4f}")
-    print(f"wrote {out_path}")
+    print("\n".join(lines + [f"wrote {out_path}"]))
     return plotted
 
 
