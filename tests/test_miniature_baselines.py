@@ -4,6 +4,7 @@ package's gzip format, its one-line error when files are missing, and the weight
 import gzip
 import os
 import struct
+import subprocess
 import sys
 
 import numpy as np
@@ -128,3 +129,12 @@ def test_trained_network_is_the_checkpoints_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(net(x), model(x))
     assert isinstance(net.net.maxpool, torch.nn.Identity) and "ir epoch 3" in name
+
+
+def test_panel_script_refuses_unknown_panels_and_lesions():
+    """tests/miniature_figure2.sh: a wrong panel or lesion is one line and exit status 2, before
+    any training starts."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "miniature_figure2.sh")
+    for args, message in (([], "usage:"), (["b", "gray"], "crop, flip or none, got gray")):
+        res = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr
