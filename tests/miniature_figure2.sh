@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Figure 2 in miniature: IR, BALL, ANN, LA, the view lesions and the bank rate alpha on Fashion-MNIST
-# (apt-get install dataset-fashion-mnist), ResNet-18 at 32 px on a CPU.  Each panel is one function:
+# (apt-get install dataset-fashion-mnist), ResNet-18 at 32 px on a CPU.  Each panel is one command:
 #   bash tests/miniature_figure2.sh a 0      # panel (a), seed 0: IR 10 epochs, then IR/BALL/ANN/LA 20 more
 #   bash tests/miniature_figure2.sh b        # panel (b): crop only, flip only, none; 30 epochs each
 #   bash tests/miniature_figure2.sh c        # panel (c): alpha 0 and 0.9; 30 epochs each
-# Two lanes on a 2-core machine, about 100 minutes:
+# Two lanes on a 2-core machine (113 minutes of wall time when measured):
 #   (bash tests/miniature_figure2.sh a 0; bash tests/miniature_figure2.sh b crop; bash tests/miniature_figure2.sh c 0) &
 #   (bash tests/miniature_figure2.sh a 1; bash tests/miniature_figure2.sh b flip none; bash tests/miniature_figure2.sh c 0.9) &
 # Panel (b)'s "all" and panel (c)'s alpha 0.5 are panel (a)'s IR of seed 0.  Then:
-#   python tests/plot_figure2.py $OUT/*/*/log.jsonl --paper --out fig2_mini.png
+#   python tests/plot_figure2.py $OUT/*/{ir,ball,ann,la,ir_*}/log.jsonl --out fig2_mini.png
 #   python tests/miniature_baselines.py --checkpoint $OUT/*/*/ckpt.pt   # clean-feature kNN rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
