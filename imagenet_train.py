@@ -365,9 +365,7 @@ def load_datasets(args):
     for dataset, n, flag in ((train, args.train_subset, "--train-subset"),
                              (val, args.val_subset, "--val-subset")):  # fmt: skip
         if n is not None:
-            keep_balanced(
-                dataset, balanced_subset(dataset.targets, n, len(dataset.classes), g, flag)
-            )
+            keep_rows(dataset, balanced_subset(dataset.targets, n, len(dataset.classes), g, flag))
     train.view_seed, train_eval = args.seed, copy.copy(train)  # same file list, no second scan
     train_eval.transform = val.transform
     return train, train_eval, val
@@ -385,7 +383,7 @@ def balanced_subset(labels, n, num_classes, generator, flag="n"):
     return torch.cat(picks).sort().values
 
 
-def keep_balanced(dataset, keep):
+def keep_rows(dataset, keep):
     """Keep only the rows `keep` of a FashionMNIST or ImageFolder dataset (renumbered 0..n-1)."""
     if hasattr(dataset, "samples"):
         dataset.samples = dataset.imgs = [dataset.samples[i] for i in keep]

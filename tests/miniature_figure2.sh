@@ -4,11 +4,11 @@
 #   bash tests/miniature_figure2.sh a 0      # panel (a), seed 0: IR 10 epochs, then IR/BALL/ANN/LA 20 more
 #   bash tests/miniature_figure2.sh b        # panel (b): crop only, flip only, none; 30 epochs each
 #   bash tests/miniature_figure2.sh c        # panel (c): alpha 0 and 0.9; 30 epochs each
-# Two lanes on a 2-core machine (113 minutes of wall time when measured):
+# Two lanes on a 2-core machine (109 minutes of wall time when measured):
 #   (bash tests/miniature_figure2.sh a 0; bash tests/miniature_figure2.sh b crop; bash tests/miniature_figure2.sh c 0) &
 #   (bash tests/miniature_figure2.sh a 1; bash tests/miniature_figure2.sh b flip none; bash tests/miniature_figure2.sh c 0.9) &
 # Panel (b)'s "all" and panel (c)'s alpha 0.5 are panel (a)'s IR of seed 0.  Then:
-#   python tests/plot_figure2.py $OUT/*/{ir,ball,ann,la,ir_*}/log.jsonl --out fig2_mini.png
+#   python tests/plot_figure2.py $OUT/{a_seed?/{ir,ball,ann,la},[bc]/*}/log.jsonl --out fig2.png
 #   python tests/miniature_baselines.py --checkpoint $OUT/*/*/ckpt.pt   # clean-feature kNN rows
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -95,13 +95,13 @@ def plot_logs(paths, out_path, paper=False):
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for ax, (title, keep, label), key in zip(axes, PANELS, "abc", strict=True):
         chosen = sorted((r for r in runs if keep(r["cfg"])), key=lambda r, f=label: f(r["cfg"]))
-        plotted[title] = [
-            (label(r["cfg"]) + seed_tag(r["cfg"]), r["knn"], r["linear"]) for r in chosen
-        ]
+        plotted[title] = []
         for r in chosen:
             x = [e["epoch"] + r["shift"] for e in r["epochs"]]
             y = [e["knn_top1"] for e in r["epochs"]]
-            text = f"{label(r['cfg'])}{seed_tag(r['cfg'])} ({r['name']})"
+            run_label = label(r["cfg"]) + seed_tag(r["cfg"])
+            plotted[title].append((run_label, r["knn"], r["linear"]))
+            text = f"{run_label} ({r['name']})"
             last = f"epoch {x[-1]} {y[-1]:.4f}" if x else "none"
             lines.append(f"{key} {text:30s} knn_top1 best {r['knn']:.4f}, last: {last}; "
                          f"linear_top1 {r['linear']:.4f}")  # fmt: skip

@@ -718,7 +718,7 @@ def test_subset_of_an_image_folder_renumbers_its_samples(tmp_path):
     train, _ = it.image_folders(str(root), None, None)
     keep = it.balanced_subset(train.targets, 8, 4, torch.Generator().manual_seed(0))
     chosen = [train.samples[i] for i in keep]
-    it.keep_balanced(train, keep)
+    it.keep_rows(train, keep)
     assert train.samples == train.imgs == chosen and len(train) == 8
     assert train.targets == [t for _, t in chosen] and sorted(train.targets) == [
         0,
